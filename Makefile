@@ -33,19 +33,17 @@ test-fast: setup
 
 # the shapes-world encoder and decoders (weights/small/{imagebind,image,video,audio}); resumable
 train-world: setup
-	$(BIN)/python -m nextgpt.world.encoder_train train --threads 2
-	$(BIN)/python -m tools.world train --modality all --threads 2
+	$(BIN)/nextgpt train world --threads 2
 
 eval-world: setup
-	$(BIN)/python -m nextgpt.world.encoder_train eval
-	$(BIN)/python -m tools.world eval
+	$(BIN)/nextgpt eval world
 
 # NExT-GPT stages 1-3 for the small profile (weights/small/nextgpt); resumable
 train-small: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m bots.train_small --eval 20
 
 eval: setup
-	$(BIN)/python -m bots.evaluate $(if $(PROFILE),--profile $(PROFILE),--profile small)
+	$(BIN)/nextgpt eval $(if $(PROFILE),--profile $(PROFILE),--profile small)
 
 bench: setup
 	$(BIN)/python bench/run.py

@@ -372,7 +372,8 @@ def print_table(result: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Score a profile on the shapes world per direction (fresh seed; the model decides the modality).")
+    p = argparse.ArgumentParser(prog=PROG, description="Score a profile on the shapes world per direction (fresh seed; the model decides the modality).",
+                                epilog="`nextgpt eval world` scores the shapes-world encoder and decoders instead (`nextgpt eval world --help`).")  # fmt: skip
     p.add_argument("--profile", "-p", help="profile from config.yaml (default: its default_profile)")
     p.add_argument("--config", help="config.yaml to use")
     p.add_argument("--checkpoint", help="evaluate this checkpoint folder instead of the profile's ('none': the untrained model)")

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Train NExT-GPT: stage 1 (encoding-side alignment on X-caption pairs), stage 2 (decoding-side "
         "alignment on captions), stage 3 (instruction tuning on dialogs, LoRA).",
-        epilog="`nextgpt train export --official SRC DST` writes a checkpoint in the official pytorch_model.pt layout.",
+        epilog="`nextgpt train export --official SRC DST` writes a checkpoint in the official pytorch_model.pt layout; "
+        "`nextgpt train world` trains the shapes-world encoder and decoders (`nextgpt train world --help`).",
     )
     p.add_argument("--stage", type=int, choices=(1, 2, 3), required=True)
     p.add_argument("--profile", "-p", help="profile from config.yaml (default: its default_profile)")
