@@ -22,7 +22,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 from nextgpt.config import DecoderConfig
 
@@ -321,6 +321,15 @@ class DecoderTool:
                 neg = _pad_tokens(neg, q)
         return neg.expand(embeds.shape[0], *neg.shape[1:]).contiguous()
 
+    @property
+    def rows_independent(self) -> bool:
+        """Whether a batch row renders as it would alone (same embeddings and seed), up to float32
+        rounding (the CPU's matrix kernels round differently for different batch sizes, so a few
+        values may differ in the last bit, and a PNG pixel by one level). False when a pipeline
+        component says `rows_independent = False` (e.g. a vocoder that draws one noise tensor for
+        the whole batch). Loads the pipeline."""
+        return all(getattr(c, "rows_independent", True) for c in self.load().components.values())
+
     # ---- sizes -----------------------------------------------------------------------------------
 
     def _sizes(self, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -342,7 +351,7 @@ class DecoderTool:
         self,
         prompt_embeds,
         *,
-        seed: int | None = None,
+        seed: int | Sequence[int | None] | None = None,
         steps: int | None = None,
         guidance: float | None = None,
         callback: ProgressCallback | None = None,
@@ -354,6 +363,11 @@ class DecoderTool:
         same seed, embeddings and settings give byte-identical files. `callback(step, total)` is
         called after each denoising step with step = 1..total; an exception it raises aborts the
         generation. Size overrides: see the subclass (`height`, `width`, `frames`, `fps`, `seconds`).
+
+        Per-row seeds: a list or tuple `seed` holds one seed per batch row (None → random) and each
+        row gets its own generator, so row i renders as `prompt_embeds[i:i+1]` alone with
+        `seed=seed[i]` would (up to float32 rounding, when `rows_independent`); each output reports
+        its own seed. This is how several requests share one decoder call.
         """
         import torch
 
@@ -364,18 +378,27 @@ class DecoderTool:
         if guidance < 0:
             raise ValueError(f"guidance must be >= 0, got {guidance}")
         sizes = self._resolve_sizes(self._sizes(size_overrides))
-        if seed is None:
-            seed = secrets.randbits(63)
-        seed = int(seed)
+        per_row = isinstance(seed, (list, tuple))
+        if per_row:
+            seeds = [secrets.randbits(63) if s is None else int(s) for s in seed]
+        else:
+            if seed is None:
+                seed = secrets.randbits(63)
+            seed = int(seed)
 
         with self._lock:
             pipe = self.load()
             embeds = self._check_embeds(prompt_embeds)
+            if per_row and len(seeds) != embeds.shape[0]:
+                raise ValueError(f"{len(seeds)} seeds for {embeds.shape[0]} rows of prompt_embeds; give one seed per row")
             self.to_device()
             try:
                 embeds = embeds.to(device=self.device, dtype=self.dtype)
                 negative = self._negative_for(embeds) if guidance > 1 else None
-                generator = torch.Generator("cpu").manual_seed(seed)
+                if per_row:
+                    generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+                else:
+                    generator = torch.Generator("cpu").manual_seed(seed)
                 with torch.inference_mode():
                     rows = self._generate(
                         pipe,
@@ -391,6 +414,8 @@ class DecoderTool:
                 if self.cfg.offload:
                     self.to_cpu()
 
+        if per_row:
+            return [self._write(row, sizes, {"seed": s, "steps": steps, "guidance": guidance}) for row, s in zip(rows, seeds)]
         meta = {"seed": seed, "steps": steps, "guidance": guidance}
         return [self._write(row, sizes, meta) for row in rows]
 

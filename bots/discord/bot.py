@@ -11,6 +11,10 @@ Where replies go:
   15 minutes the reply is posted in the thread instead.
 - messages in a chat thread (and /commands there) continue its session; the bot replies to the
   message and edits that reply as the job advances.
+
+Batches: `/imagine`, `/video` and `/audio` jobs are released with a batch key (modality, steps,
+guidance), so up to `batch_max` of them waiting together share one decoder call
+(bots.discord.batch); each still has its own session, reply and buttons.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import discord
 from discord import app_commands
 
 from bots.discord import redact
+from bots.discord.batch import DecoderBatcher
 from bots.discord.config import DiscordConfig
 from bots.discord.engine import SETTING_NAMES, Engine, TurnResult
 from bots.discord.media import Fitted, fit_media, human_size
@@ -271,9 +276,10 @@ class NextGPTBot(discord.Client):
         self.store = Store(self.data_dir / "discord.db")
         self.queue = queue or FairQueue(
             per_user_cap=self.config.per_user_queue_cap, rate_per_minute=self.config.rate_limit_per_minute,
-            max_waiting=self.config.max_queue,
+            max_waiting=self.config.max_queue, batch_max=self.config.batch_max,
         )
-        self.worker = Worker(self.queue)
+        self.batcher = DecoderBatcher(self.queue, tools=self.engine.decoder_tools, delegate=self.engine.delegate)
+        self.worker = Worker(self.queue, batch_runner=self.batcher)
         self.tmp_root = self.data_dir / "discord-tmp"
         self._threads: dict[int, str] = {}  # chat thread (or DM channel) id → current session id
         contexts = app_commands.AppCommandContext(guild=True, dm_channel=self.config.allow_dms, private_channel=False)
@@ -410,6 +416,8 @@ class NextGPTBot(discord.Client):
         if position is not None and position > 0:
             ahead = position - 1
             who = "you're next" if ahead == 0 else f"{ahead} job{'s' * (ahead != 1)} ahead of you"
+            if self.queue.batched(job):
+                who += ", in the batch now running"
             return f"⏳ Queued — position **{position}** ({who}).", True
         if job.progress is not None:
             modality, step, total = job.progress
@@ -617,9 +625,13 @@ class NextGPTBot(discord.Client):
                     return
                 session_id, thread, responder = opened
             await asyncio.to_thread(self.store.set_last_user, session_id, user.id)
-            ctx.update(session_id=session_id, attachments=staged,
-                       settings=self._settings(interaction.guild_id, overrides))
-            self.queue.release(job)
+            settings = self._settings(interaction.guild_id, overrides)
+            ctx.update(session_id=session_id, attachments=staged, settings=settings)
+            # a direct media request may share its decoder call with others like it (bots.discord.batch)
+            key = (want[0], settings.get("steps"), settings.get("guidance")) if len(want) == 1 else None
+            if key is not None and key[0] in self.batcher.solo_only:
+                key = None
+            self.queue.release(job, batch_key=key, batch_scope=session_id)
             await self._follow(job, responder, header="" if private else header, thread_id=thread.id, user_id=user.id)
         finally:
             if not job.done:

@@ -8,6 +8,7 @@
       allow_dms: false
       per_user_queue_cap: 3      # a user's jobs waiting or running at once
       rate_limit_per_minute: 6   # jobs a user may submit in any 60 s
+      batch_max: 4               # /imagine, /video, /audio waiting together share one decoder call; 1 = off
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ class DiscordConfig(BaseModel):
     per_user_queue_cap: int = Field(3, ge=1, description="jobs one user may have waiting or running")
     rate_limit_per_minute: int = Field(6, ge=1, description="jobs one user may submit per rolling minute")
     max_queue: int = Field(100, ge=1, description="jobs waiting in total before new ones are refused")
+    batch_max: int = Field(
+        4, ge=1, le=64,
+        description="most /imagine, /video or /audio requests (same modality, steps and guidance) waiting together "
+                    "that are decoded in one call; 1 = one by one",
+    )
     max_attachment_mb: float = Field(25.0, gt=0, description="largest attachment accepted, MiB")
     max_attachment_pixels: int = Field(40_000_000, ge=1, description="largest image/video frame (w×h) accepted")
     default_seed: int | None = Field(None, description="seed when neither the server nor the command sets one")

@@ -1,12 +1,15 @@
 """The model side of the bot: `Chat` turns for memory sessions, run only on the queue's worker thread.
 
 `Assistant` is not safe for concurrent generation, so every method that touches the model is
-called from jobs of the single `Worker`; session creation only touches memory (thread-safe).
+called from jobs of the single `Worker`; session creation only touches memory (thread-safe). A
+batch (bots.discord.batch) lends the worker's turn to helper threads, strictly one at a time, each
+inside `delegate()`.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -37,6 +40,7 @@ class Engine:
         self.max_chats = max_chats
         self._chats: collections.OrderedDict[str, Chat] = collections.OrderedDict()
         self._worker_thread: int | None = None
+        self._local = threading.local()  # .delegate: this thread works for the worker (a batch)
 
     @property
     def profile_name(self) -> str:
@@ -50,6 +54,20 @@ class Engine:
         return self.memory.get_session(session_id)
 
     # ------------------------------------------------------------------ worker thread only
+    def decoder_tools(self) -> dict:
+        """The assistant's modality → decoder tool dict (the batcher swaps one entry during a batch)."""
+        self._check_thread()
+        return self.assistant.tools
+
+    @contextlib.contextmanager
+    def delegate(self):
+        """Model work on this thread is the worker's, handed over while the worker waits."""
+        self._local.delegate = True
+        try:
+            yield
+        finally:
+            self._local.delegate = False
+
     def warmup(self) -> None:
         """Load the model (and build the decoder tools) before the first user asks."""
         self._check_thread()
@@ -80,6 +98,8 @@ class Engine:
     # ------------------------------------------------------------------ internals
     def _check_thread(self) -> None:
         me = threading.get_ident()
+        if getattr(self._local, "delegate", False):
+            return
         if self._worker_thread is None:
             self._worker_thread = me
         elif self._worker_thread != me:  # a bug, not a user error: the model must stay on one thread

@@ -53,6 +53,9 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
     """log-mel (B, T, model_in_dim) or (T, model_in_dim) → waveform (B, T · hop) / (T · hop,)."""
 
     config_name = "config.json"
+    # one phase draw covers the whole batch, so row i of a batch is not what that row alone gives
+    # (see DecoderTool.rows_independent: such a decoder is never handed several requests at once)
+    rows_independent = False
 
     @register_to_config
     def __init__(
