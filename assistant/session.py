@@ -13,11 +13,15 @@ template renders them: user text with one media slot per attachment, assistant r
 raw token trace (signal tokens included) followed by one slot per media they produced, so "make
 the last image blue" sees that image. When the rendered history would exceed `context_tokens −
 max_new_tokens`, whole turns are dropped from the oldest end (a user turn and its reply go
-together); the newest user turn is always kept.
+together); the newest user turn is always kept. When it has to drop, it drops down to
+`TRUNCATE_TO` (¾) of the budget and then keeps that first turn until the budget is exceeded again,
+so the prompt's start — and with it the cached prefix — changes once every few turns instead of
+every turn (a prompt that changes at its start must be prefilled in full).
 """
 
 from __future__ import annotations
 
+import functools
 import mimetypes
 import platform
 from dataclasses import asdict, dataclass, fields
@@ -28,6 +32,7 @@ from assistant.agent import Assistant, AssistantReply
 from memory import MediaIn, Memory, SessionInfo, TurnInfo
 
 MEDIA_SLOT_TOKENS = 3  # <Img> [embedding] </Img>
+TRUNCATE_TO = 0.75  # when the history exceeds the budget, drop oldest turns down to this share of it
 
 MIME_BY_MODALITY = {"image": "image/png", "audio": "audio/wav", "video": "video/mp4"}
 
@@ -64,6 +69,7 @@ class ChatSettings:
         setattr(self, key, parsed)
 
 
+@functools.cache  # the same for the whole process; reading package metadata cost ~10 ms per turn
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -85,6 +91,8 @@ class Chat:
         self.context_tokens = context_tokens
         self.staged: list[tuple[str, Path]] = []  # (modality, path) sent with the next prompt
         self._embeddings: dict[str, object] = {}  # sha256 → ImageBind vector of stored media
+        self._token_counts: dict[str, int] = {}  # message text → its token count (for truncation)
+        self._window_start: str | None = None  # id of the first turn kept in the context (truncation)
         self.cache = None  # nextgpt.model.PromptCache: the LLM's key/value cache across turns
         self.use_cache = True
 
@@ -175,7 +183,7 @@ class Chat:
             "llm": profile.llm.source,
             "checkpoint": profile.checkpoint,
             "decoders": {m: d.source for m, d in profile.decoders.items()},
-            "versions": _versions(),
+            "versions": dict(_versions()),
             "finish_reason": reply.finish_reason,
             "failures": [asdict(f) for f in reply.failures],
         }
@@ -207,7 +215,8 @@ class Chat:
             media = t.media_in if t.role == "user" else t.media_out
             items = [MediaInput(m.modality, embedding=self._embedding(m)) for m in media]
             messages.append(Message(t.role, text, items))
-        return self._truncate(messages)
+        start = self._truncate(messages, [t.id for t in turns])
+        return messages[start:]
 
     def _embedding(self, media):
         """The ImageBind vector of a stored file, computed once per process (files never change)."""
@@ -215,17 +224,29 @@ class Chat:
             self._embeddings[media.sha256] = self.assistant.model.encoder.encode([(media.modality, media.path)])[0]
         return self._embeddings[media.sha256]
 
-    def _truncate(self, messages: list) -> list:
-        tokenizer = self.assistant.model.tokenizer
+    def _truncate(self, messages: list, ids: list[str]) -> int:
+        """Index of the first message kept (see the module doc); remembers it by turn id."""
         budget = self.context_tokens - (self.settings.max_new_tokens or self.assistant.profile.generation.max_new_tokens)
-        cost = [len(tokenizer(m.text, add_special_tokens=False)["input_ids"]) + 8 + MEDIA_SLOT_TOKENS * len(m.media) for m in messages]
+        cost = [self._token_count(m.text) + 8 + MEDIA_SLOT_TOKENS * len(m.media) for m in messages]
         users = [i for i, m in enumerate(messages) if m.role == "user"]
         if not users:
-            return messages
-        start = 0
-        while start < users[-1] and sum(cost[start:]) > budget:
-            start = next(i for i in users if i > start)  # drop the oldest user turn with its reply
-        return messages[start:]
+            return 0
+        start = ids.index(self._window_start) if self._window_start in ids else 0
+        start = min(start, users[-1])
+        if sum(cost[start:]) > budget:
+            while start < users[-1] and sum(cost[start:]) > budget * TRUNCATE_TO:
+                start = next(i for i in users if i > start)  # drop the oldest user turn with its reply
+        self._window_start = ids[start]
+        return start
+
+    def _token_count(self, text: str) -> int:
+        """Tokens in a message's text, counted once: the history is not re-tokenised every turn."""
+        if text not in self._token_counts:
+            if len(self._token_counts) > 10_000:  # a bound for a long-lived Chat across many sessions
+                self._token_counts.clear()
+            tokenizer = self.assistant.model.tokenizer
+            self._token_counts[text] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._token_counts[text]
 
     @staticmethod
     def _mime(path: Path, modality: str) -> str:

@@ -1,9 +1,10 @@
 """nextgpt benchmark: every number is a ratio (or a time) measured in this one run, on this machine.
 
     make bench                      # or: python bench/run.py [--profile tiny] [--turns 30] [--quick]
+    python bench/run.py --only turns --turns 30     # one section (or several: --only turns,decode)
 
 1. turn-30 ÷ turn-1 latency, with the prefix KV cache and without it (the official way: the
-   whole conversation is re-read every turn);
+   whole conversation is re-read every turn), turn 1 and turn 30 broken down (encode, prefill, decode);
 2. second image request through our warm ImageTool ÷ a bare diffusers pipeline call on the same
    components and steps (and the official way: re-creating the pipeline from disk per call);
 3. LLM decode tokens/s ÷ llama.cpp's on the same SmolLM2 GGUF, 2 threads (if llama-cpp-python is
@@ -49,33 +50,49 @@ def _model(settings, profile_name: str, llm_source: str | None):
     return NextGPT.from_profile(profile, settings.cache_path)
 
 
-def bench_turns(model, turns: int, new_tokens: int) -> dict:
+def bench_turns(model, turns: int, new_tokens: int, repeat: int = 3) -> dict:
     """Latency of turn 1 and turn N in a growing conversation, with and without the KV cache
-    (each turn's latency normalised to `new_tokens` generated tokens)."""
+    (each turn's latency normalised to `new_tokens` generated tokens). The two conversations run
+    in lockstep, turn by turn, `repeat` times, and each turn keeps its median: load on the machine
+    hits both alike. Turn 1 and turn N are also broken down: encode (render, tokenise, embed),
+    prefill, decode."""
     from nextgpt.model import Message, PromptCache
 
     questions = [f"Tell me one short fact about the number {i}." for i in range(turns)]
 
-    def conversation(use_cache: bool) -> list[float]:
-        cache, history, latencies = PromptCache() if use_cache else None, [], []
-        for q in questions:
-            history.append(Message("user", q))
-            t = time.perf_counter()
-            reply = model.generate(history, max_new_tokens=new_tokens, temperature=0, allow_media=False, cache=cache)
-            elapsed = time.perf_counter() - t
-            # replies end at different lengths: normalise every turn to `new_tokens` decoded tokens
-            per_token = reply.timings["decode"] / max(1, len(reply.token_ids))
-            latencies.append(elapsed - reply.timings["decode"] + per_token * new_tokens)
-            history.append(Message("assistant", reply.trace))
-        return latencies
+    def turn(history: list, question: str, cache) -> dict:
+        history.append(Message("user", question))
+        t = time.perf_counter()
+        reply = model.generate(history, max_new_tokens=new_tokens, temperature=0, allow_media=False, cache=cache)
+        elapsed = time.perf_counter() - t
+        history.append(Message("assistant", reply.trace))
+        tm = reply.timings
+        # replies end at different lengths: normalise every turn to `new_tokens` decoded tokens
+        decode = tm["decode"] / max(1, len(reply.token_ids)) * new_tokens
+        return {"total_s": elapsed - tm["decode"] + decode, "encode_s": tm["encode"], "prefill_s": tm["prefill"],
+                "decode_s": decode, "prefill_tokens": tm["prefill_tokens"], "prompt_tokens": tm["prompt_tokens"]}
 
     model.generate([Message("user", questions[0])], max_new_tokens=4, temperature=0, allow_media=False)  # warm-up
-    cached, fresh = conversation(True), conversation(False)
-    return {
-        "turns": turns,
-        "cached_turn1_s": cached[0], "cached_turnN_s": cached[-1], "ratio_cached": cached[-1] / cached[0],
-        "nocache_turn1_s": fresh[0], "nocache_turnN_s": fresh[-1], "ratio_nocache": fresh[-1] / fresh[0],
-    }
+    samples = {"cached": [[] for _ in questions], "nocache": [[] for _ in questions]}
+    for _ in range(repeat):
+        cache, cached_history, fresh_history = PromptCache(), [], []
+        for i, q in enumerate(questions):
+            samples["cached"][i].append(turn(cached_history, q, cache))
+            samples["nocache"][i].append(turn(fresh_history, q, None))
+
+    def median(runs: list[dict]) -> dict:
+        return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+    result = {"turns": turns, "repeat": repeat, "new_tokens": new_tokens}
+    for mode, per_turn in samples.items():
+        first, last = median(per_turn[0]), median(per_turn[-1])
+        result.update({
+            f"{mode}_turn1_s": first["total_s"], f"{mode}_turnN_s": last["total_s"],
+            f"ratio_{mode}": last["total_s"] / first["total_s"],
+            f"{mode}_turn1": first, f"{mode}_turnN": last,
+            f"{mode}_per_turn_s": [round(median(runs)["total_s"], 4) for runs in per_turn],
+        })
+    return result
 
 
 def bench_image(settings, profile_name: str, repeat: int) -> dict:
@@ -207,14 +224,23 @@ def bench_breakdown(settings, profile_name: str) -> dict:
     return parts
 
 
+SECTIONS = ("turns", "decode", "image", "help", "memory", "breakdown")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="tiny", help="profile for the image and breakdown sections")
     parser.add_argument("--llm", default=SMOLLM2, help="LLM for the turn and decode sections (default: SmolLM2 GGUF; 'profile' = the profile's)")
     parser.add_argument("--turns", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and turns (a smoke run)")
+    parser.add_argument("--only", metavar="SECTION[,SECTION]", help=f"run only these sections ({', '.join(SECTIONS)}); "
+                        "their results replace those sections in --out, the others are kept")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     args = parser.parse_args(argv)
+    only = SECTIONS if not args.only else tuple(x.strip() for x in args.only.split(",") if x.strip())
+    unknown = [x for x in only if x not in SECTIONS]
+    if unknown:
+        parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
@@ -224,36 +250,60 @@ def main(argv=None) -> int:
     torch.set_num_threads(int(os.environ.get("NEXTGPT_THREADS", "2")))
     settings = load_settings()
     repeat, turns = (2, min(args.turns, 4)) if args.quick else (5, args.turns)
-    results = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0]},
-               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    model = _model(settings, args.profile, None if args.llm == "profile" else args.llm)
-    results["turns"] = bench_turns(model, turns, new_tokens=8)
-    results["decode"] = bench_decode(model, 16 if args.quick else 64)
-    del model
-    results["image"] = bench_image(settings, args.profile, repeat)
-    results["help"] = bench_help(repeat)
-    results["memory"] = bench_memory(1000 if args.quick else 10_000, 50 if args.quick else 500)
-    results["breakdown"] = bench_breakdown(settings, args.profile)
+    results = {}
+    if args.only and args.out.is_file():  # a partial run updates its sections of the last results
+        results = json.loads(args.out.read_text())
+    results.update({"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0]},
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "sections": list(only)})
+    if "turns" in only or "decode" in only:
+        model = _model(settings, args.profile, None if args.llm == "profile" else args.llm)
+        if "turns" in only:
+            results["turns"] = bench_turns(model, turns, new_tokens=8, repeat=1 if args.quick else 3)
+        if "decode" in only:
+            results["decode"] = bench_decode(model, 16 if args.quick else 64)
+        del model
+    if "image" in only:
+        results["image"] = bench_image(settings, args.profile, repeat)
+    if "help" in only:
+        results["help"] = bench_help(repeat)
+    if "memory" in only:
+        results["memory"] = bench_memory(1000 if args.quick else 10_000, 50 if args.quick else 500)
+    if "breakdown" in only:
+        results["breakdown"] = bench_breakdown(settings, args.profile)
 
     from rich.console import Console
     from rich.table import Table
 
     r = results
     table = Table("measure", "value", "target", title=f"nextgpt bench ({args.profile}; LLM {args.llm})")
-    table.add_row(f"turn {r['turns']['turns']} ÷ turn 1, with KV cache", f"{r['turns']['ratio_cached']:.2f}", "≤ 1.3")
-    table.add_row(f"turn {r['turns']['turns']} ÷ turn 1, no cache (official)", f"{r['turns']['ratio_nocache']:.2f}", "grows")
-    table.add_row("2nd image request ÷ bare diffusers call", f"{r['image']['ratio_vs_bare']:.2f}", "≤ 1.1")
-    table.add_row("official re-create-per-call ÷ ours", f"{r['image']['ratio_official_vs_ours']:.1f}", "")
-    d = r["decode"]
-    table.add_row("decode tok/s ÷ llama.cpp", f"{d['ratio_vs_llama_cpp']:.2f}" if "ratio_vs_llama_cpp" in d else d.get("llama_cpp", ""), "≥ 0.8")
-    table.add_row("decode tok/s (ours, fp32)", f"{d['ours_tok_s']:.1f}", "")
-    table.add_row("bf16 ÷ fp32 decode tok/s; prefill s", f"{d['bf16_decode_ratio']:.2f}; {d['bf16_prefill_s']:.3f} vs {d['prefill_s']:.3f}", "measure")
-    table.add_row("nextgpt --help", f"{r['help']['help_s']:.3f} s", "< 0.5 s")
-    m = r["memory"]
-    table.add_row(f"load a {m['load_turns']}-turn session", f"{m['load_s'] * 1000:.1f} ms", "< 100 ms")
-    table.add_row("append a turn p50 / p99", f"{m['append_p50_ms']:.2f} / {m['append_p99_ms']:.2f} ms", "p99 < 5 ms")
-    b = r["breakdown"]
-    table.add_row("one turn: " + ", ".join(f"{k} {v * 1000:.0f}" for k, v in b.items() if k != "total") + " ms", f"{b['total']:.2f} s", "")
+    if "turns" in only:
+        t = r["turns"]
+        n = t["turns"]
+        table.add_row(f"turn {n} ÷ turn 1, with KV cache", f"{t['ratio_cached']:.2f}", "≤ 1.3")
+        table.add_row(f"turn {n} ÷ turn 1, no cache (official)", f"{t['ratio_nocache']:.2f}", "grows")
+        for mode in ("cached", "nocache"):
+            for label, part in (("1", t[f"{mode}_turn1"]), (str(n), t[f"{mode}_turnN"])):
+                table.add_row(
+                    f"  {mode} turn {label}: encode / prefill ({part['prefill_tokens']:.0f} of {part['prompt_tokens']:.0f} tok) / decode ms",
+                    f"{part['encode_s'] * 1000:.1f} / {part['prefill_s'] * 1000:.0f} / {part['decode_s'] * 1000:.0f}",
+                    f"{part['total_s']:.3f} s")
+    if "image" in only:
+        table.add_row("2nd image request ÷ bare diffusers call", f"{r['image']['ratio_vs_bare']:.2f}", "≤ 1.1")
+        table.add_row("official re-create-per-call ÷ ours", f"{r['image']['ratio_official_vs_ours']:.1f}", "")
+    if "decode" in only:
+        d = r["decode"]
+        table.add_row("decode tok/s ÷ llama.cpp", f"{d['ratio_vs_llama_cpp']:.2f}" if "ratio_vs_llama_cpp" in d else d.get("llama_cpp", ""), "≥ 0.8")
+        table.add_row("decode tok/s (ours, fp32)", f"{d['ours_tok_s']:.1f}", "")
+        table.add_row("bf16 ÷ fp32 decode tok/s; prefill s", f"{d['bf16_decode_ratio']:.2f}; {d['bf16_prefill_s']:.3f} vs {d['prefill_s']:.3f}", "measure")
+    if "help" in only:
+        table.add_row("nextgpt --help", f"{r['help']['help_s']:.3f} s", "< 0.5 s")
+    if "memory" in only:
+        m = r["memory"]
+        table.add_row(f"load a {m['load_turns']}-turn session", f"{m['load_s'] * 1000:.1f} ms", "< 100 ms")
+        table.add_row("append a turn p50 / p99", f"{m['append_p50_ms']:.2f} / {m['append_p99_ms']:.2f} ms", "p99 < 5 ms")
+    if "breakdown" in only:
+        b = r["breakdown"]
+        table.add_row("one turn: " + ", ".join(f"{k} {v * 1000:.0f}" for k, v in b.items() if k != "total") + " ms", f"{b['total']:.2f} s", "")
     Console().print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.cache_utils import DynamicLayer
 
 from nextgpt import templates
 from nextgpt.config import Profile
@@ -62,6 +63,54 @@ class Reply:
     timings: dict[str, float]
 
 
+class GrowingLayer(DynamicLayer):
+    """One layer's keys/values in a buffer with room to spare. transformers' DynamicLayer appends
+    with torch.cat, copying the whole history for every new token (at ~900 cached tokens, about a
+    fifth of a SmolLM2-135M decode step); here a token is written into the buffer in place, and the
+    buffer is re-allocated only when full (to 1.5× the length: amortised O(1) per token).
+    `keys` / `values` stay views of the buffer's first `length` positions, so DynamicLayer's own
+    `crop` and `get_seq_length` work unchanged."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        end = length + key_states.shape[-2]
+        if not self._room_for(end):
+            capacity = end + max(256, end // 2)
+            kept = (self.keys, self.values)
+            self.buffers = tuple(s.new_empty(*s.shape[:-2], capacity, s.shape[-1]) for s in (key_states, value_states))
+            if length:
+                for buffer, old in zip(self.buffers, kept):
+                    buffer[..., :length, :] = old
+        keys, values = self.buffers
+        keys[..., length:end, :] = key_states
+        values[..., length:end, :] = value_states
+        self.keys, self.values = keys[..., :end, :], values[..., :end, :]
+        return self.keys, self.values
+
+    def _room_for(self, end: int) -> bool:
+        """The buffers exist, hold `end` positions, still back `keys` (no other Cache method swapped
+        them) and may be written here (a buffer made under inference_mode is read-only outside it)."""
+        if self.buffers is None or end > self.buffers[0].shape[-2]:
+            return False
+        if self.keys.numel() and self.keys.data_ptr() != self.buffers[0].data_ptr():
+            return False
+        return torch.is_inference_mode_enabled() or not self.buffers[0].is_inference()
+
+
+class KVCache(DynamicCache):
+    """A DynamicCache of GrowingLayers (same API: crop, get_seq_length, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer_class_to_replicate = GrowingLayer
+
+
 def crop_to(kv: DynamicCache, length: int) -> None:
     """Keep the first `length` positions of a key/value cache."""
     extra = kv.get_seq_length() - length
@@ -80,7 +129,7 @@ class PromptCache:
         """(cache cropped to the prefix shared with `keys`, its length). At least one position is
         left to feed, since the next token's logits come from the last fed position."""
         if self.kv is None:
-            return DynamicCache(), 0
+            return KVCache(), 0
         common = 0
         for a, b in zip(self.keys, keys):
             if a != b:
@@ -88,7 +137,7 @@ class PromptCache:
             common += 1
         common = min(common, len(keys) - 1)
         if common == 0:
-            return DynamicCache(), 0
+            return KVCache(), 0
         crop_to(self.kv, common)
         return self.kv, common
 
@@ -158,7 +207,11 @@ class NextGPT(nn.Module):
             if it.embedding is not None:
                 vectors[i] = it.embedding.reshape(-1)
         stacked = torch.stack(vectors).to(self.device, self.input_proj.weight.dtype)
-        return self.input_proj(stacked)
+        # one item at a time: a batched matmul's last bits depend on the batch's size, and an item
+        # must get the same embedding (so the same cache key) on every turn, however many media the
+        # history holds. Batched, a second media item changed the first one's digest by float noise
+        # and PromptCache was reused only up to that first item: the turn was prefilled again.
+        return torch.cat([self.input_proj(v[None]) for v in stacked])
 
     def build_inputs(self, messages: list[Message]) -> tuple[torch.Tensor, list]:
         """Prompt embeddings (1, T, hidden) — the template's tokens with media spliced into their
@@ -168,11 +221,12 @@ class NextGPT(nn.Module):
         ids = self.tokenizer(prompt, add_special_tokens=self.template == "vicuna_v0", return_tensors="pt")["input_ids"][0]
         embed = self.llm.get_input_embeddings()
         media = [item for m in messages for item in m.media]
-        slots = [i + 1 for i in range(len(ids) - 1) if ids[i] == self.media_start_id and ids[i + 1] == self.media_end_id]
+        keys: list = ids.tolist()
+        pairs = zip(keys, keys[1:])  # on Python ints: indexing the tensor one element at a time cost ms per turn
+        slots = [i + 1 for i, pair in enumerate(pairs) if pair == (self.media_start_id, self.media_end_id)]
         if len(slots) != len(media):
             raise ValueError(f"prompt has {len(slots)} media slots for {len(media)} media items")
         token_embeds = embed(ids.to(self.device))
-        keys: list = ids.tolist()
         if not media:
             return token_embeds[None], keys
         media_embeds = self.encode_media(media).to(token_embeds.dtype)
@@ -225,10 +279,11 @@ class NextGPT(nn.Module):
         inputs, keys = self.build_inputs(messages)
         timings["encode"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        kv, reused = (cache.reuse(keys) if cache is not None else (DynamicCache(), 0))
+        kv, reused = (cache.reuse(keys) if cache is not None else (KVCache(), 0))
         out = self.llm(inputs_embeds=inputs[:, reused:], past_key_values=kv, use_cache=True)
         timings["prefill"] = time.perf_counter() - t1
         timings["prefill_tokens"] = inputs.shape[1] - reused
+        timings["prompt_tokens"] = inputs.shape[1]
         t2 = time.perf_counter()
 
         ids: list[int] = []

@@ -173,3 +173,79 @@ def test_prompt_cache_reuses_the_prefix_and_matches_a_fresh_prefill(tiny_model, 
     tiny_model.generate(edited, seed=3, max_new_tokens=4, cache=cache)
     _, edited_keys = tiny_model.build_inputs(edited)
     assert cache.keys[: len(edited_keys)] == edited_keys
+
+
+def test_growing_kv_cache_matches_transformers_dynamic_cache(tiny_model):
+    """KVCache writes tokens into a buffer with spare room instead of torch.cat. Same logits as
+    DynamicCache through: a long prefill, a crop, decoding across the buffer's re-allocation (256
+    spare positions), a crop to nothing, and a call outside inference_mode on a buffer made inside it."""
+    from transformers import DynamicCache
+
+    from nextgpt.model import KVCache, crop_to
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 700, tiny_model.llm.config.hidden_size)
+    mine, theirs = KVCache(), DynamicCache()
+
+    def both(chunk, inference=True):
+        mode = torch.inference_mode() if inference else torch.no_grad()
+        with mode:
+            a = tiny_model.llm(inputs_embeds=chunk, past_key_values=mine, use_cache=True).logits
+            b = tiny_model.llm(inputs_embeds=chunk, past_key_values=theirs, use_cache=True).logits
+        assert mine.get_seq_length() == theirs.get_seq_length()
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+    both(x[:, :200])
+    crop_to(mine, 150), crop_to(theirs, 150)
+    for i in range(150, 420):  # decode one position at a time, past the first buffer's end
+        both(x[:, i : i + 1])
+    both(x[:, 420:430], inference=False)  # a buffer made under inference_mode is re-made, not written
+    crop_to(mine, 0), crop_to(theirs, 0)
+    both(x[:, 500:700])
+
+
+def test_cached_turns_give_the_full_prefill_logits_through_a_conversation(tiny_model, media_files):
+    """Turn after turn (media in and out, a regenerate, an edit, the oldest turns dropped), the logits
+    after reusing the conversation's cache equal those of prefilling the whole prompt, and a cached
+    reply equals an uncached one token for token."""
+    from nextgpt.model import PromptCache
+
+    cache, history = PromptCache(), []
+    red = MediaInput("image", embedding=tiny_model.encoder.encode([("image", media_files["red.png"])])[0])
+
+    def turn(seed, want=()):
+        """(reply, prompt positions taken from the cache, prompt length)"""
+        inputs, keys = tiny_model.build_inputs(history)
+        kv, reused = cache.reuse(keys)
+        with torch.inference_mode():
+            direct = tiny_model.llm(inputs_embeds=inputs).logits[0, -1]
+            via_cache = tiny_model.llm(inputs_embeds=inputs[:, reused:], past_key_values=kv, use_cache=True).logits[0, -1]
+        assert torch.allclose(via_cache, direct, atol=1e-4), (via_cache - direct).abs().max()
+        cache.store(kv, keys)  # the cache holds exactly this prompt, as generate leaves it
+        cached = tiny_model.generate(history, seed=seed, max_new_tokens=6, want=want, cache=cache)
+        fresh = tiny_model.generate(history, seed=seed, max_new_tokens=6, want=want)
+        assert cached.token_ids == fresh.token_ids
+        assert cached.timings["prefill_tokens"] < cached.timings["prompt_tokens"]  # generate reused it too
+        return cached, reused, len(keys)
+
+    history.append(Message("user", "look at this", [red]))
+    assert turn(0)[1] == 0
+    previous = 0
+    for i, want in enumerate([["image"], [], ["audio"], []], start=1):
+        reply, reused, length = turn(i, want)
+        assert reused >= previous  # at least the whole previous prompt came from the cache
+        previous = length
+        history.append(Message("assistant", reply.trace, [red] if want == ["image"] else []))
+        history.append(Message("user", f"and now number {i}"))
+    turn(10)
+    again, reused, length = turn(11)  # regenerate: the same prompt answered again with another seed
+    assert reused == length - 1
+    history.append(Message("assistant", again.trace))
+    history[-2] = Message("user", "an edited question")  # an edit in the middle of the prompt
+    history.append(Message("user", "after the edit"))
+    _, reused, length = turn(12)
+    assert 0 < reused < length - 10
+    del history[:4]  # truncation: the oldest turns dropped, the prompt changes from its start
+    _, reused, length = turn(13)
+    assert reused < 20  # only the template's opening is shared
+    turn(14)

@@ -81,6 +81,45 @@ def test_context_carries_earlier_media_and_truncates(chat, media_files):
     assert kept[-1].text == messages[-1].text
 
 
+def test_cached_chat_replies_like_an_uncached_one(tiny_assistant, memory, media_files):
+    """The per-chat KV cache changes no reply: turn by turn (media in and out, a regenerate, then
+    the oldest turns dropped by truncation), a chat with its cache says exactly what a chat
+    without one says, and pays prefill only for what follows the shared prefix."""
+    from assistant.session import Chat
+
+    cached, fresh = Chat.start(tiny_assistant, memory), Chat.start(tiny_assistant, memory)
+    fresh.use_cache = False
+    both = (cached, fresh)
+    for c in both:
+        c.settings.seed, c.settings.max_new_tokens = 5, 8
+
+    def step(action) -> tuple:
+        a, b = (action(c) for c in both)
+        # the same tokens; media only alike (the signal states agree to float noise, not bit for bit)
+        assert a.trace == b.trace and [m.modality for m in a.media] == [m.modality for m in b.media]
+        return a, b
+
+    for c in both:
+        c.attach(media_files["red.png"])
+    a, _ = step(lambda c: c.send("what is this?", want=["image"]))
+    for text, want in (("make it blue", ["image"]), ("now a sound", ["audio"]), ("thanks", [])):
+        previous = a.timings["prompt_tokens"]
+        a, b = step(lambda c: c.send(text, want=want))
+        # the whole previous prompt came from the cache (but maybe its last token, which the
+        # reply's first can merge with; the tiny model's byte soup may not re-tokenise as generated)
+        assert a.timings["prompt_tokens"] - a.timings["prefill_tokens"] >= previous - 1
+        assert b.timings["prefill_tokens"] == b.timings["prompt_tokens"]
+    a, _ = step(lambda c: c.regenerate(reseed=True))
+    assert a.timings["prefill_tokens"] < 5  # the same prompt: only its last position is fed again
+    step(lambda c: c.send("one more"))
+    for c in both:  # now only the last exchanges fit: the oldest turns are dropped
+        c.context_tokens = c.settings.max_new_tokens + 120
+    a, _ = step(lambda c: c.send("and the last one"))
+    assert len(cached.context(cached.history())) < len(cached.history())
+    assert a.timings["prefill_tokens"] > a.timings["prompt_tokens"] // 2  # a new prefix: recomputed
+    step(lambda c: c.send("after truncation"))
+
+
 def test_regenerate_replaces_the_last_reply(chat):
     first = chat.send("a red circle", want=["image"])
     again = chat.regenerate(reseed=True)
@@ -175,3 +214,28 @@ def test_kill_9_mid_reply_keeps_the_question(tmp_path, data_dir):
         from sqlalchemy import text
 
         assert conn.execute(text("PRAGMA integrity_check")).scalar() == "ok"
+
+
+def test_truncation_keeps_its_cut_so_later_turns_reuse_the_cache(tiny_assistant, memory):
+    """A long chat over its budget drops oldest turns down to ¾ of it and then keeps that start:
+    the next turns are prefilled from the cache, not in full."""
+    from assistant.session import TRUNCATE_TO, Chat
+
+    chat = Chat.start(tiny_assistant, memory)
+    chat.settings.seed, chat.settings.max_new_tokens = 3, 6
+    for i in range(10):
+        chat.send(f"turn number {i} with a few words")
+    full = sum(len(m.text) for m in chat.context(chat.history()))
+    chat.context_tokens = chat.settings.max_new_tokens + int(full * 0.8)  # bytes ≈ tokens for the tiny model
+    cut = chat.send("over the budget now")  # the first drop: the prompt changes at its start
+    kept = len(chat.context(chat.history()))
+    assert kept < len(chat.history())
+    assert cut.timings["prefill_tokens"] > cut.timings["prompt_tokens"] // 2
+    reused = 0
+    for i in range(3):
+        r = chat.send(f"short {i}")
+        assert len(chat.context(chat.history())) < len(chat.history())
+        if r.timings["prefill_tokens"] < r.timings["prompt_tokens"] // 2:
+            reused += 1
+    assert reused >= 2, "the turns after a cut should mostly come from the cache"
+    assert TRUNCATE_TO < 1
