@@ -1,6 +1,6 @@
 """nextgpt benchmark: every number is a ratio (or a time) measured in this one run, on this machine.
 
-    make bench                      # or: python bench/run.py [--profile tiny] [--turns 30] [--quick]
+    make bench                      # or: python bench/run.py [--profile small] [--turns 30] [--quick]
     python bench/run.py --only turns --turns 30     # one section (or several: --only turns,decode)
 
 1. turn-30 ÷ turn-1 latency, with the prefix KV cache and without it (the official way: the
@@ -229,7 +229,7 @@ SECTIONS = ("turns", "decode", "image", "help", "memory", "breakdown")
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="tiny", help="profile for the image and breakdown sections")
+    parser.add_argument("--profile", help="profile for the image and breakdown sections (default: config.yaml's default_profile)")
     parser.add_argument("--llm", default=SMOLLM2, help="LLM for the turn and decode sections (default: SmolLM2 GGUF; 'profile' = the profile's)")
     parser.add_argument("--turns", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and turns (a smoke run)")
@@ -249,6 +249,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(int(os.environ.get("NEXTGPT_THREADS", "2")))
     settings = load_settings()
+    args.profile = settings.profile_name(args.profile)
     repeat, turns = (2, min(args.turns, 4)) if args.quick else (5, args.turns)
     results = {}
     if args.only and args.out.is_file():  # a partial run updates its sections of the last results

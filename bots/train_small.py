@@ -73,12 +73,13 @@ FULL = Plan(
     dialogs=3000,
     side=64,
     stages={
-        1: StagePlan(steps=500, batch_size=8, lr=1e-3, max_length=128, save_every=50),
-        # stage 2 trains the projectors only: the LLM runs forward without a graph (≈ 3× cheaper)
-        2: StagePlan(steps=800, batch_size=8, lr=1e-3, max_length=160, save_every=100, extra=["--train", "output_projectors"]),
+        1: StagePlan(steps=300, batch_size=8, lr=1e-3, max_length=128, save_every=50),
+        # stage 2 trains the projectors only (the LLM runs forward without a graph, ≈ 3× cheaper); they are
+        # refitted on the final LLM anyway, so it is kept short
+        2: StagePlan(steps=60, batch_size=8, lr=1e-3, max_length=160, save_every=30, extra=["--train", "output_projectors"]),
         # stage 3 leaves the projectors to the refit (their large L2 gradients would dominate the clipped
         # update of the LoRA); the LM loss alone teaches when to emit signal tokens
-        3: StagePlan(steps=900, batch_size=8, lr=5e-4, max_length=320, save_every=25, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
+        3: StagePlan(steps=240, batch_size=8, lr=1e-3, max_length=320, save_every=20, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
     },
 )
 SMOKE = Plan(
@@ -310,7 +311,7 @@ class RefitPlan:
     forward_batch: int = 16
 
 
-REFIT_FULL = RefitPlan(dialogs=600, pairs=300, steps=1500, batch_size=32)  # ≈ 0.2-0.4 s a step (video the most)
+REFIT_FULL = RefitPlan(dialogs=1800, pairs=1200, steps=5000, batch_size=64)  # ≈ 0.05 s a step (d_model 128); the dialogs bring varied reply wording
 REFIT_SMOKE = RefitPlan(dialogs=4, pairs=2, steps=3, batch_size=4, forward_batch=4)
 
 
@@ -397,6 +398,11 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
         perm = torch.randperm(n)
         n_val = max(1, n // 10) if n >= 10 else 0
         val, tr = perm[:n_val], perm[n_val:]
+        # standardise the inputs while fitting (a few of SmolLM2's hidden dimensions are ~100x larger than
+        # the rest and would dominate the first Linear's gradients), then fold the scaling into that Linear
+        # below, so the saved projector keeps the official layout and takes the raw states
+        mu, sd = X[tr].mean((0, 1)), X[tr].std((0, 1)) + 1e-5
+        X = (X - mu) / sd
         proj = model.output_projectors[m].float().train()
         proj.requires_grad_(True)
         opt = torch.optim.AdamW(proj.parameters(), lr=rp.lr, weight_decay=1e-3, betas=(0.9, 0.95))
@@ -420,6 +426,10 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
         proj.eval().requires_grad_(False)
         with torch.no_grad():
             after = float(loss_on(val)) if n_val else float("nan")
+            fold_standardisation(proj.fc, mu, sd)
+            X = X * sd + mu
+            folded = float(loss_on(val)) if n_val else float("nan")
+            assert not n_val or abs(folded - after) < 1e-3 * max(1.0, after), (folded, after)
             mean_pred = float(torch.linalg.vector_norm(Y[val] - Y[tr].mean(0, keepdim=True), dim=-1).mean()) if n_val else float("nan")
         r4 = lambda x: None if x != x else round(x, 4)  # noqa: E731 - NaN (no held-out split) → null
         report[m] = {"examples": n, "val": n_val, "val_l2_before": r4(before), "val_l2_after": r4(after),
@@ -446,6 +456,13 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     _save_state(work, state)
     _say(f"refit: done in {seconds / 60:.1f} min → {out}")
     return out
+
+
+def fold_standardisation(fc, mu, sd) -> None:
+    """fc((x - mu) / sd) == fc'(x): W' = W / sd (per input column), b' = b - W' mu."""
+    w = fc.weight / sd[None, :]
+    fc.bias.copy_(fc.bias - w @ mu)
+    fc.weight.copy_(w)
 
 
 # ----------------------------------------------------------------------------------------- publish

@@ -12,6 +12,8 @@ _BASE = Path(tempfile.mkdtemp(prefix="nextgpt-tests-"))
 os.environ.setdefault("NEXTGPT_CACHE", str(_BASE / "cache"))
 os.environ["NEXTGPT_DATA"] = str(_BASE / "data")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the suite runs on `tiny` unless a test names another profile (the shipped default is `small`)
+os.environ.setdefault("NEXTGPT_PROFILE", "tiny")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -116,3 +116,22 @@ def test_train_small_published_checkpoint_loads(tmp_path, settings):
     model = NextGPT.from_profile(profile, settings.cache_path)
     reply = model.generate([Message("user", "hello")], want=["image"], max_new_tokens=4, seed=0)
     assert [s.modality for s in reply.signals] == ["image"]
+
+
+def test_fold_standardisation_keeps_the_projector_function():
+    """The refit trains on standardised states and folds the scaling into the first Linear: the saved
+    projector must give the same output on the raw states."""
+    import torch
+
+    from bots.train_small import fold_standardisation
+
+    torch.manual_seed(0)
+    fc = torch.nn.Linear(6, 3)
+    x = torch.randn(5, 4, 6) * torch.tensor([1.0, 50.0, 0.1, 3.0, 1.0, 200.0]) + 7.0
+    mu, sd = x.mean((0, 1)), x.std((0, 1)) + 1e-5
+    with torch.no_grad():
+        want = fc((x - mu) / sd)
+        fold_standardisation(fc, mu, sd)
+        got = fc(x)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert not torch.allclose(fc.weight, torch.nn.Linear(6, 3).weight)
