@@ -834,7 +834,15 @@ def _stdio_is_tty() -> bool:
 
 def run(settings, *, profile: str | None = None, session_id: str | None = None, continue_last: bool = False, stream: bool = True) -> int:
     """The interactive chat. Returns the process exit code (0, or 2 for a bad profile/session id)."""
+    import signal
+    import threading
+
     from rich.console import Console
+
+    # Ctrl-C interrupts a reply. A process started from a non-interactive shell's `cmd &` inherits
+    # SIGINT *ignored*, and Python then installs no KeyboardInterrupt handler: install it here.
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     from nextgpt.config import ConfigError
 
