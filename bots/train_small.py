@@ -401,22 +401,22 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
         # the rest and would dominate the first Linear's gradients), then fold the scaling into that Linear
         # below, so the saved projector keeps the official layout and takes the raw states
         mu, sd = X[tr].mean((0, 1)), X[tr].std((0, 1)) + 1e-5
-        X = (X - mu) / sd
+        Xs = (X - mu) / sd
         proj = model.output_projectors[m].float().train()
         proj.requires_grad_(True)
         opt = torch.optim.AdamW(proj.parameters(), lr=rp.lr, weight_decay=1e-3, betas=(0.9, 0.95))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 50) * max(0.0, 1 - k / rp.steps))
 
-        def loss_on(idx):
-            return torch.linalg.vector_norm(proj(X[idx]) - Y[idx], dim=-1).mean()
+        def loss_on(inputs, idx):
+            return torch.linalg.vector_norm(proj(inputs[idx]) - Y[idx], dim=-1).mean()
 
         with torch.no_grad():
-            before = float(loss_on(val)) if n_val else float("nan")
+            before = float(loss_on(Xs, val)) if n_val else float("nan")
         for k in range(rp.steps):
             if k % 100 == 0:
                 _say(f"refit {m}: step {k}/{rp.steps}")
             idx = tr[torch.randint(len(tr), (min(rp.batch_size, len(tr)),))]
-            loss = loss_on(idx)
+            loss = loss_on(Xs, idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(proj.parameters(), 1.0)
@@ -424,10 +424,9 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
             sched.step()
         proj.eval().requires_grad_(False)
         with torch.no_grad():
-            after = float(loss_on(val)) if n_val else float("nan")
-            fold_standardisation(proj.fc, mu, sd)
-            X = X * sd + mu
-            folded = float(loss_on(val)) if n_val else float("nan")
+            after = float(loss_on(Xs, val)) if n_val else float("nan")
+            fold_standardisation(proj.fc, mu, sd)  # from here on the projector takes the raw states
+            folded = float(loss_on(X, val)) if n_val else float("nan")
             assert not n_val or abs(folded - after) < 1e-3 * max(1.0, after), (folded, after)
             mean_pred = float(torch.linalg.vector_norm(Y[val] - Y[tr].mean(0, keepdim=True), dim=-1).mean()) if n_val else float("nan")
         r4 = lambda x: None if x != x else round(x, 4)  # noqa: E731 - NaN (no held-out split) → null
