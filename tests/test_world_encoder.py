@@ -19,12 +19,7 @@ TOY_ARCH = {**et.SMALL_ARCH, "out_embed_dim": 16, "vision_embed_dim": 16, "visio
             "audio_embed_dim": 16, "audio_num_blocks": 1, "text_embed_dim": 16, "text_num_blocks": 1}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_fast_text_branch_equals_the_full_forward():
