@@ -16,7 +16,12 @@ Steps (every one deterministic, every one skipped when its output is already com
    (caption → caption + signal tokens; target: the decoder's own text encoding of the caption).
 4. stage 3 (`<work>/stage3`, from stage 2): LoRA (rank 8) + input projection + output projectors +
    new rows on the dialogs.
-5. publish: the stage-3 checkpoint (nextgpt.safetensors, the LoRA adapter, meta.json; no optimizer
+5. refit (`<work>/refit`): the output projectors refitted on the final LLM's states at the signal
+   tokens of the stage-3 dialogs, the pairs and extra dialogs whose requests name the output in
+   varied, partial wordings ("draw a blue square"; `write_dialogs(vary_captions=True)`, seed 4).
+   The states are cached under `<work>/refit-states` (keyed by the LLM weights and the data), so a
+   second refit with other projector settings costs only the fitting.
+6. publish: the stage-3 checkpoint (nextgpt.safetensors, the LoRA adapter, meta.json; no optimizer
    state) into `--out` with a model card `README.md`; `--eval N` also runs `bots.evaluate` on it
    and records the table in the card.
 
@@ -43,7 +48,7 @@ from pathlib import Path
 
 PROG = "python -m bots.train_small"
 STATE_FILE = "state.json"
-TRAIN_SEEDS = {"pairs": 1, "dialogs": 2}  # bots.evaluate uses 12345: never a training sample
+TRAIN_SEEDS = {"pairs": 1, "dialogs": 2, "refit_dialogs": 4}  # bots.evaluate uses 12345: never a training sample
 
 
 @dataclass
@@ -117,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dialogs", type=int, help="override the number of dialogs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's `threads` / torch's)")
     p.add_argument("--no-refit", action="store_true", help="skip the projector refit after stage 3")
-    p.add_argument("--refit", metavar="DIALOGS,PAIRS,STEPS", help="override the refit sizes")
+    p.add_argument("--refit", metavar="DIALOGS,PAIRS,STEPS,VARIED", help="override the refit sizes (empty fields keep the plan's)")
     p.add_argument("--publish-partial", action="store_true",
                    help="publish the latest saved checkpoint (of the furthest stage) to --out without training")  # fmt: skip
     p.add_argument("--eval", type=int, default=0, metavar="N", help="after publishing, evaluate N prompts per direction into the card")
@@ -185,17 +190,7 @@ def fingerprint(settings, profile) -> dict[str, str]:
     """A digest of what the trained tensors depend on besides the data: the encoder weights (stage 1
     and 3 inputs) and each decoder's tokenizer + text encoder (the projector targets). Paths alone
     are not enough: retrained weights land at the same path."""
-    import hashlib
-
-    def digest(paths) -> str:
-        h = hashlib.sha256()
-        for f in sorted(paths):
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-        return h.hexdigest()[:16]
-
+    digest = _digest
     out = {}
     src = Path(str(profile.encoder.source)).expanduser()
     out["encoder"] = digest([src] + ([src.with_name("arch.json")] if src.with_name("arch.json").is_file() else [])) if src.is_file() else str(profile.encoder.source)
@@ -204,6 +199,19 @@ def fingerprint(settings, profile) -> dict[str, str]:
         files = [f for sub in ("tokenizer", "text_encoder") for f in (d / sub).glob("*") if f.is_file()] if d.is_dir() else []
         out[m] = digest(files) if files else str(dec.source)
     return out
+
+
+def _digest(paths) -> str:
+    """sha256 over the files' names and bytes (16 hex digits)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(p) for p in paths):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def targets_dir(work: Path, fp: dict[str, str]) -> Path:
@@ -305,13 +313,14 @@ class RefitPlan:
     dialogs: int  # stage-3 dialogs whose outputs are used (in-context states, as at inference)
     pairs: int  # stage-2 style examples per modality (caption → caption + signals; cheap volume)
     steps: int  # projector optimizer steps on the cached states
+    varied: int = 0  # extra dialogs whose requests name the output in varied, partial wordings (make_refit_dialogs)
     batch_size: int = 32
     lr: float = 1e-3
     forward_batch: int = 16
 
 
-REFIT_FULL = RefitPlan(dialogs=1800, pairs=1200, steps=5000, batch_size=64)  # ≈ 0.05 s a step (d_model 128); the dialogs bring varied reply wording
-REFIT_SMOKE = RefitPlan(dialogs=4, pairs=2, steps=3, batch_size=4, forward_batch=4)
+REFIT_FULL = RefitPlan(dialogs=1800, pairs=1200, steps=5000, varied=1500, batch_size=64)  # ≈ 0.05 s a step (d_model 128); the dialogs bring varied reply wording
+REFIT_SMOKE = RefitPlan(dialogs=4, pairs=2, steps=3, varied=4, batch_size=4, forward_batch=4)
 
 
 def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Path], args, state: dict) -> Path:
@@ -323,7 +332,11 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     many epochs on the cached (states, decoder text embedding) pairs — the same L2 loss as the
     trainer's, at a small fraction of its cost. Writes `<work>/refit` (the stage-3 checkpoint with
     the refitted projectors)."""
+    import hashlib
+    import tempfile
+
     import torch
+    from safetensors.torch import load_file, save_file
 
     from bots.train import _target_dirs
     from nextgpt.checkpoint import META_FILE, WEIGHTS_FILE
@@ -334,7 +347,7 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     from nextgpt.train.encode import Collator, DialogEncoder, MediaCache
 
     src, out = work / "stage3", work / "refit"
-    if (out / META_FILE).is_file() and json.loads((out / META_FILE).read_text()).get("refit", {}).get("steps") == rp.steps \
+    if (out / META_FILE).is_file() and json.loads((out / META_FILE).read_text()).get("refit", {}).get("plan") == asdict(rp) \
             and not args.restart and (out / "stage3-step").read_text().strip() == str(_final_step(src)):  # fmt: skip
         _say("refit: complete, skipped")
         return out
@@ -344,48 +357,46 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     model = NextGPT.from_profile(profile, settings.cache_path)
     model.llm.eval()
     enc = DialogEncoder(model.tokenizer, model.template, model.system_prompt, plan.stages[3].max_length)
-    dialogs = [d for d in load_stage_data(3, [files["dialogs"]]) if d.outputs][: rp.dialogs]
-    pairs = []
-    for m in MODALITIES:
-        pairs += load_stage_data(2, [files[m]])[: rp.pairs]
-    examples = [e for e in (enc.encode(d) for d in dialogs + pairs) if e is not None and e.signals]
+    varied_file = make_refit_dialogs(work, rp, plan.side, state)
+    sources = {  # name → (records, the files they come from)
+        "dialogs": ([d for d in load_stage_data(3, [files["dialogs"]]) if d.outputs][: rp.dialogs], [files["dialogs"]]),
+        "pairs": ([p for m in MODALITIES for p in load_stage_data(2, [files[m]])[: rp.pairs]], [files[m] for m in MODALITIES]),
+        "varied": ([d for d in load_stage_data(3, [varied_file]) if d.outputs] if varied_file else [], [varied_file] if varied_file else []),
+    }
     cache = TargetCache(_target_dirs(settings, profile, args.targets_dir))
-    needed = [(m, cap) for e in examples for _, m, cap in e.signals if cap]
-    missing = cache.missing(needed)
-    if missing:
-        from tools import build_tools
-
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            tools = build_tools({m: profile.decoders[m] for m in missing}, settings.cache_path, tmp)
-            cache.fill(needed, lambda m, cap: tools[m].text_embeds(cap))
-        cache.save()
     shapes = {m: (p.query_embs.shape[1], p.model.out_features) for m, p in model.output_projectors.items()}
     collate = Collator(model.tokenizer.pad_token_id or 0, model.input_proj.in_features, shapes,
                        MediaCache(model.encoder.encode), cache.get)  # fmt: skip
     feats: dict[str, list[torch.Tensor]] = {m: [] for m in SIGNALS}
     targets: dict[str, list[torch.Tensor]] = {m: [] for m in SIGNALS}
-    embed = model.llm.get_input_embeddings()
-    examples.sort(key=lambda e: len(e.input_ids))  # less padding
-    _say(f"refit: computing signal states for {len(examples)} examples ({len(dialogs)} dialogs, {len(pairs)} pairs)")
-    with torch.inference_mode():
-        for i in range(0, len(examples), rp.forward_batch):
-            batch = collate(examples[i : i + rp.forward_batch])
-            x = embed(batch["input_ids"])
-            if batch["media_vectors"].shape[0]:
-                proj = model.input_proj(batch["media_vectors"].to(model.input_proj.weight.dtype)).to(x.dtype)
-                x = x.index_put((batch["media_batch"], batch["media_pos"]), proj)
-            o = model.llm(inputs_embeds=x, attention_mask=batch["attention_mask"], use_cache=False, output_hidden_states=True)
-            hidden = o.hidden_states[-1]
-            for m, g in batch["signals"].items():
-                pos = g["start"][:, None] + torch.arange(SIGNALS[m].num_tokens)
-                rows = g["batch"][:, None].expand_as(pos)
-                has = g["has_target"]
-                feats[m].append((hidden[rows, pos] + x[rows, pos])[has].float().clone())
-                targets[m].append(g["target"][has].float().clone())
-            if (i // rp.forward_batch) % 10 == 0:
-                _say(f"refit: states {min(i + rp.forward_batch, len(examples))}/{len(examples)}")
+    llm_digest = _digest([src / WEIGHTS_FILE])
+    for name, (records, paths) in sources.items():
+        if not records:
+            continue
+        key = hashlib.sha256(json.dumps([llm_digest, _digest(paths), len(records), plan.stages[3].max_length, Path(args.targets_dir).name]).encode()).hexdigest()[:12]
+        saved = work / "refit-states" / f"{name}-{key}.safetensors"
+        if saved.is_file():
+            part = load_file(str(saved))
+            _say(f"refit: signal states of the {len(records)} {name} from {saved}")
+        else:
+            examples = [e for e in (enc.encode(r) for r in records) if e is not None and e.signals]
+            needed = [(m, cap) for e in examples for _, m, cap in e.signals if cap]
+            missing = cache.missing(needed)
+            if missing:
+                from tools import build_tools
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    tools = build_tools({m: profile.decoders[m] for m in missing}, settings.cache_path, tmp)
+                    cache.fill(needed, lambda m, cap: tools[m].text_embeds(cap))
+                cache.save()
+            _say(f"refit: computing signal states for {len(examples)} examples ({len(records)} {name})")
+            part = signal_states(model, collate, examples, rp.forward_batch)
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            save_file(part, str(saved))
+        for m in SIGNALS:
+            if f"{m}.x" in part:
+                feats[m].append(part[f"{m}.x"])
+                targets[m].append(part[f"{m}.y"])
     t_states = time.perf_counter() - t0
     torch.manual_seed(0)
     report = {}
@@ -434,8 +445,6 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
                      "val_l2_predicting_the_mean": r4(mean_pred)}  # fmt: skip
         _say(f"refit {m}: {n} groups; held-out L2 {before:.3f} → {after:.3f} (predicting the mean: {mean_pred:.3f})")
     # the stage-3 checkpoint with the refitted projectors
-    from safetensors.torch import load_file, save_file
-
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl"))
@@ -445,8 +454,7 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
         tensors[f"output_projectors.{k}"] = v.detach().float().cpu().contiguous()
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     meta = json.loads((src / META_FILE).read_text())
-    meta["refit"] = {"steps": rp.steps, "batch_size": rp.batch_size, "lr": rp.lr, "dialogs": len(dialogs), "pairs": len(pairs),
-                     "report": report}  # fmt: skip
+    meta["refit"] = {"plan": asdict(rp), "examples": {k: len(v[0]) for k, v in sources.items()}, "report": report}
     (out / "stage3-step").write_text(f"{_final_step(src)}\n")
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     seconds = round(time.perf_counter() - t0, 1)
@@ -454,6 +462,62 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     _save_state(work, state)
     _say(f"refit: done in {seconds / 60:.1f} min → {out}")
     return out
+
+
+def signal_states(model, collate, examples, forward_batch: int) -> dict:
+    """{"<modality>.x": (n, N, hidden) last hidden state + input embedding at each signal group,
+    "<modality>.y": (n, ...) its decoder text-embedding target}: one forward pass without a graph per
+    batch, with the trainer's own encoding and collation (so the same states as at inference)."""
+    import torch
+
+    from nextgpt.tokens import MODALITIES as SIGNALS
+
+    feats: dict[str, list[torch.Tensor]] = {m: [] for m in SIGNALS}
+    targets: dict[str, list[torch.Tensor]] = {m: [] for m in SIGNALS}
+    embed = model.llm.get_input_embeddings()
+    examples = sorted(examples, key=lambda e: len(e.input_ids))  # less padding
+    with torch.inference_mode():
+        for i in range(0, len(examples), forward_batch):
+            batch = collate(examples[i : i + forward_batch])
+            x = embed(batch["input_ids"])
+            if batch["media_vectors"].shape[0]:
+                proj = model.input_proj(batch["media_vectors"].to(model.input_proj.weight.dtype)).to(x.dtype)
+                x = x.index_put((batch["media_batch"], batch["media_pos"]), proj)
+            o = model.llm(inputs_embeds=x, attention_mask=batch["attention_mask"], use_cache=False, output_hidden_states=True)
+            hidden = o.hidden_states[-1]
+            for m, g in batch["signals"].items():
+                pos = g["start"][:, None] + torch.arange(SIGNALS[m].num_tokens)
+                rows = g["batch"][:, None].expand_as(pos)
+                has = g["has_target"]
+                feats[m].append((hidden[rows, pos] + x[rows, pos])[has].float().clone())
+                targets[m].append(g["target"][has].float().clone())
+            if (i // forward_batch) % 10 == 0:
+                _say(f"refit: states {min(i + forward_batch, len(examples))}/{len(examples)}")
+    out = {}
+    for m in SIGNALS:
+        if feats[m]:
+            out[f"{m}.x"], out[f"{m}.y"] = torch.cat(feats[m]).contiguous(), torch.cat(targets[m]).contiguous()
+    return out
+
+
+def make_refit_dialogs(work: Path, rp: "RefitPlan", side: int, state: dict) -> Path | None:
+    """The refit's extra dialogs: create turns that name their output in varied, partial wordings
+    ("a blue square", "a high beep"), as users ask — the stage-3 dialogs always use the full
+    canonical caption. Written once under work/data/refit-dialogs."""
+    from nextgpt.world.dialogs import DIALOGS_FILE, write_dialogs
+
+    if not rp.varied:
+        return None
+    path = work / "data" / "refit-dialogs" / DIALOGS_FILE
+    want = {"n": rp.varied, "seed": TRAIN_SEEDS["refit_dialogs"], "side": side, "vary_captions": True}
+    if state.get("refit_data") == want and path.is_file():
+        return path
+    t = time.perf_counter()
+    write_dialogs(path.parent, rp.varied, TRAIN_SEEDS["refit_dialogs"], side, outputs=False, vary_captions=True)
+    _say(f"data: {rp.varied} refit dialogs with varied captions ({time.perf_counter() - t:.0f} s)")
+    state["refit_data"] = want
+    _save_state(work, state)
+    return path
 
 
 def fold_standardisation(fc, mu, sd) -> None:
@@ -519,7 +583,8 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
         lines = [f"| {m} | {r['examples']} | {r['val_l2_before']} | {r['val_l2_after']} | {r['val_l2_predicting_the_mean']} |"
                  for m, r in refit.get("report", {}).items()]  # fmt: skip
         refit_text = (
-            f"Projector refit on the final LLM's signal states: {refit['dialogs']} dialogs + {refit['pairs']} pairs per modality, "
+            f"Projector refit on the final LLM's signal states: {refit['dialogs']} stage-3 dialogs + {refit.get('varied', 0)} dialogs with "
+            f"varied, partial request wordings + {refit['pairs']} pairs per modality, "
             f"{refit['steps']} steps × batch {refit['batch_size']}, lr {refit['lr']:g}; {refit['seconds'] / 60:.1f} min "
             f"({refit['states_seconds'] / 60:.1f} of them computing the states). Held-out L2 (per query token):\n\n"
             "| modality | groups | before | after | predicting the mean |\n|---|---|---|---|---|\n" + "\n".join(lines)
@@ -600,7 +665,7 @@ def _refit_plan(args) -> RefitPlan:
 
     rp = copy.deepcopy(REFIT_SMOKE if args.smoke else REFIT_FULL)
     if args.refit:
-        for name, v in zip(("dialogs", "pairs", "steps"), args.refit.split(",")):
+        for name, v in zip(("dialogs", "pairs", "steps", "varied"), args.refit.split(",")):
             if v.strip():
                 setattr(rp, name, int(v))
     return rp

@@ -93,7 +93,10 @@ def test_train_small_smoke(tmp_path, monkeypatch):
     assert all(s["reached"] == 2 for s in state["stages"].values())
     ck = load_checkpoint(out)
     assert ck.adapter_dir is not None and ck.meta["stage"] == 3
-    assert ck.meta["refit"]["steps"] == 3 and set(ck.meta["refit"]["report"]) == {"image", "video", "audio"}
+    assert ck.meta["refit"]["plan"]["steps"] == 3 and set(ck.meta["refit"]["report"]) == {"image", "video", "audio"}
+    assert ck.meta["refit"]["examples"]["varied"] > 0  # the dialogs with varied request wordings are used
+    cached = sorted((work / "refit-states").glob("*.safetensors"))
+    assert [f.name.split("-")[0] for f in cached] == ["dialogs", "pairs", "varied"]
     card = (out / "README.md").read_text()
     assert "| 3 | instruction tuning" in card
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -102,6 +105,11 @@ def test_train_small_smoke(tmp_path, monkeypatch):
     mtime = (work / "stage3" / "nextgpt.safetensors").stat().st_mtime
     assert main(args) == 0
     assert (work / "stage3" / "nextgpt.safetensors").stat().st_mtime == mtime
+    # another refit plan refits from the cached signal states (not recomputed) and republishes
+    stamps = {f: f.stat().st_mtime_ns for f in cached}
+    assert main(args + ["--refit", ",,5"]) == 0
+    assert load_checkpoint(out).meta["refit"]["plan"]["steps"] == 5
+    assert {f: f.stat().st_mtime_ns for f in sorted((work / "refit-states").glob("*.safetensors"))} == stamps
 
 
 @pytest.mark.slow

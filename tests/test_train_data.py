@@ -246,6 +246,35 @@ def test_dialog_generator(tmp_path):
     assert any(v.startswith("Make it ") for v in transforms) and any("video of it moving" in v for v in transforms)
 
 
+def test_dialog_generator_varied_captions(tmp_path):
+    """vary_captions: create turns name their output in partial / paraphrased words, the caption
+    (projector target) is exactly those words, and `attributes` keeps only what they say; the
+    default is unchanged (the full canonical caption), so earlier data sets stay reproducible."""
+    from nextgpt.world.analyze import parse_caption
+    from nextgpt.world.captions import canonical_caption
+
+    plain = [t for d in sample_dialogs(80, 5) for t in d if t["kind"] == "create" and t["from"] == "gpt"]
+    assert all(t["caption"] == canonical_caption(t["output"]) for t in plain)
+    varied = [t for d in sample_dialogs(80, 5, vary_captions=True) for t in d if t["kind"] == "create" and t["from"] == "gpt"]
+    assert any(t["caption"] != canonical_caption(t["output"]) for t in varied)
+    image = [t["caption"] for t in varied if t["output"].modality == "image"]
+    assert any(" on the " not in c for c in image) and any(" on the " in c for c in image)  # partial and full
+    for t in varied:
+        spec = t["output"]
+        main = {"image": ("colour", "shape"), "audio": ("pitch", "timbre"), "video": ("colour", "shape", "direction")}[spec.modality]
+        said = parse_caption(t["caption"], spec.modality)
+        assert all(said[k] == spec.attributes()[k] for k in main), t["caption"]  # always names the main attributes
+        assert t["caption"] in t["value"]
+
+    path = write_dialogs(tmp_path / "v", 40, seed=5, side=32, outputs=False, vary_captions=True)
+    for rec in json.loads(path.read_text()):
+        for t in rec["conversation"]:
+            if t.get("kind") == "create" and t["from"] == "gpt" and t["output_modality"] == "image":
+                said = parse_caption(t["caption"], "image")
+                assert t["attributes"] == {k: v for k, v in said.items() if k in t["attributes"]} and set(said) == set(t["attributes"])
+    assert read_dialogs_file(path)  # valid stage-3 data
+
+
 # ------------------------------------------------------------------------------------------ new rows
 
 

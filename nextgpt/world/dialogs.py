@@ -20,6 +20,11 @@ Every turn has a `kind`; media turns have `attributes` (the spec, the ground tru
 that create media also name the reference rendering of their output (`image_name`, ...; not fed
 to the model). Everything is a function of (n, seed, side): the same arguments give byte-identical
 files. `python -m nextgpt.world.dialogs OUT_DIR --n 100 --seed 0` writes a set.
+
+`vary_captions=True` (`--vary-captions`): the create requests and replies name the output the many
+ways users do — "a blue square", "a large blue square", "a blue square on the left", … — instead of
+always the full canonical caption, and the turn's `caption` (the projector target) is those words:
+the decoder fills in what was not said. Without it the files are exactly those of earlier versions.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -74,6 +80,18 @@ CREATED = {
     "audio": ("Here is {c}.", "Sure! Here is the sound: {c}.", "I made {c} for you."),
     "video": ("Here is a video of {c}.", "Sure! Here is a clip of {c}.", "I made a video of {c}."),
 }
+MENTIONS = {  # vary_captions: how a create turn names its output (the first is the canonical caption)
+    "image": (
+        "a {size} {colour} {shape} on the {position}",
+        "a {colour} {shape}",
+        "a {size} {colour} {shape}",
+        "a {colour} {shape} on the {position}",
+        "a {colour} {shape}, {size}, on the {position}",
+    ),
+    "audio": ("a {pitch}-pitched {timbre}", "a {pitch} {timbre}", "a short {pitch} {timbre}", "a {pitch}-pitched {timbre} sound"),
+    "video": ("a {colour} {shape} moving {direction}", "a {colour} {shape} that moves {direction}",
+              "a {colour} {shape} sliding {direction}", "a {colour} {shape} going {direction}"),
+}
 CHAT = (
     ("Hello!", "Hello! I can describe pictures, sounds and videos of simple shapes, and make new ones."),
     ("Hi there.", "Hi! Give me an image, a sound or a video, or ask me to create one."),
@@ -93,6 +111,11 @@ def _pick(rng: np.random.Generator, options):
 
 def _other(rng: np.random.Generator, options, current):
     return _pick(rng, [o for o in options if o != current])
+
+
+def _says(caption: str, key: str, value) -> bool:
+    """Whether a caption names this attribute (rendering parameters such as seconds are kept)."""
+    return not isinstance(value, str) or re.search(rf"\b{re.escape(value)}\b", caption) is not None
 
 
 def _ask(rng: np.random.Generator, spec: Spec) -> tuple[str, str]:
@@ -142,7 +165,12 @@ def _transform(rng: np.random.Generator, spec: Spec) -> tuple[str, Spec, str]:
     return f"Make it a {t} instead.", replace(spec, timbre=t), f"Here it is as a {t}:"
 
 
-def sample_dialogs(n: int, seed: int) -> list[list[dict[str, Any]]]:
+def _mention(rng: np.random.Generator, spec: Spec) -> str:
+    """The words a create turn uses for its output (vary_captions): one of MENTIONS, uniformly."""
+    return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", _pick(rng, MENTIONS[spec.modality]).format(**spec.attributes()))
+
+
+def sample_dialogs(n: int, seed: int, *, vary_captions: bool = False) -> list[list[dict[str, Any]]]:
     """The n dialogs `write_dialogs` writes, as turns with `spec` objects instead of file names."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), _STREAM]))
     dialogs = []
@@ -173,10 +201,10 @@ def sample_dialogs(n: int, seed: int) -> list[list[dict[str, Any]]]:
             elif kind == "create":
                 m = _pick(rng, ("image", "audio", "video"))
                 spec = sample_spec(m, rng)
-                c = canonical_caption(spec)
+                c = _mention(rng, spec) if vary_captions else canonical_caption(spec)
                 turns += [
                     {"from": "human", "value": _pick(rng, REQUEST[m]).format(c=c), "kind": kind},
-                    {"from": "gpt", "value": _pick(rng, CREATED[m]).format(c=c), "kind": kind, "output": spec},
+                    {"from": "gpt", "value": _pick(rng, CREATED[m]).format(c=c), "kind": kind, "output": spec, "caption": c},
                 ]
                 subject = spec
             else:  # transform
@@ -197,6 +225,7 @@ def write_dialogs(
     side: int = 64,
     *,
     outputs: bool = True,
+    vary_captions: bool = False,
     progress: Callable[[int], Any] | None = None,
 ) -> Path:
     """Write n dialogs (stage-3 JSON) and their media; returns the JSON's path. `outputs=False`
@@ -214,7 +243,7 @@ def write_dialogs(
         return name
 
     records = []
-    for i, turns in enumerate(sample_dialogs(n, seed)):
+    for i, turns in enumerate(sample_dialogs(n, seed, vary_captions=vary_captions)):
         conv = []
         for t in turns:
             turn = {"from": t["from"], "value": t["value"], "kind": t["kind"]}
@@ -225,8 +254,9 @@ def write_dialogs(
             if "output" in t:
                 spec = t["output"]
                 turn["output_modality"] = spec.modality
-                turn["caption"] = canonical_caption(spec)
-                turn["attributes"] = spec.attributes()
+                turn["caption"] = t.get("caption") or canonical_caption(spec)
+                # only what the caption says (a partial caption leaves the rest to the decoder)
+                turn["attributes"] = {k: v for k, v in spec.attributes().items() if not vary_captions or _says(turn["caption"], k, v)}
                 if outputs:
                     turn[NAME_KEYS[spec.modality]] = media(spec)
             conv.append(turn)
@@ -248,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--side", type=int, default=64)
     p.add_argument("--no-outputs", action="store_true", help="don't render the reference outputs")
+    p.add_argument("--vary-captions", action="store_true", help="name requested outputs in varied, partial wordings")
     args = p.parse_args(argv)
-    path = write_dialogs(args.out_dir, args.n, args.seed, args.side, outputs=not args.no_outputs)
+    path = write_dialogs(args.out_dir, args.n, args.seed, args.side, outputs=not args.no_outputs, vary_captions=args.vary_captions)
     print(f"wrote {path}")
     return 0
 
