@@ -30,9 +30,10 @@ checkpoint every `save_every` steps; a stage whose final checkpoint already hold
 count is skipped, one with checkpoints is resumed (`--resume`), one without any is restarted.
 Timings and sizes accumulate in `<work>/state.json` (the model card reads them).
 
-Budget (full run, 2 CPU cores, fp32): measured 85 min on a machine shared with other jobs — stage 1
-34 min (≈ 6.8 s/step), stage 2 1 min, stage 3 30 min (≈ 7.5 s/step), refit 20 min (14 of them computing
-the signal states of 5400 examples), data 13 s; plus ≈ 2.5 min for `--eval 20`.
+Budget (full run, 2 CPU cores, fp32): measured ≈ 91 min — stage 1 34 min (≈ 6.8 s/step), stage 2 1 min,
+stage 3 30 min (≈ 7.5 s/step) on a machine shared with other jobs; refit 25.6 min (19.3 of them computing
+the signal states of 6668 examples; a later refit with other fitting settings reuses them), data 20 s;
+plus ≈ 2.5 min for `--eval 20`.
 """
 
 from __future__ import annotations
@@ -592,6 +593,9 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
     else:
         refit_text = "(no projector refit)"
     data = state.get("data", {})
+    rd = state.get("refit_data")
+    refit_data = (f"\n- refit only: {rd['n']} more dialogs whose create requests name the output in varied, partial wordings"
+                  f" (\"a blue square\", \"a high beep\"), seed {rd['seed']}") if rd else ""  # fmt: skip
     text = f"""# NExT-GPT `{profile_name}` checkpoint (shapes world)
 
 The trained tensors of the `{profile_name}` profile (`checkpoint: ./weights/small/nextgpt` in config.yaml):
@@ -603,7 +607,7 @@ alpha {plan.lora_alpha:g}, q/k/v/o) for SmolLM2-135M-Instruct. Everything else i
 
 - files: `nextgpt.safetensors`, `adapter/` (peft), `meta.json` — {info['bytes'] / 1e6:.1f} MB, stored as
   float16 (cast to the profile's dtype when loaded)
-- published from: stage {info.get('stage')} step {info.get('step')}{' — ' + note if note else ''}
+- published from: stage {info.get('stage')} step {info.get('step')}{chr(10) + '- note: ' + note if note else ''}
 - trained parameters: {trained:,} ({info['params']:,} projections + rows, {info['lora_params']:,} LoRA)
   = {100 * trained / llm_params:.2f}% of the LLM's {llm_params:,}
 - reproduce: `make train-small` (= `python -m bots.train_small`; resumable, re-run to continue)
@@ -613,7 +617,7 @@ alpha {plan.lora_alpha:g}, q/k/v/o) for SmolLM2-135M-Instruct. Everything else i
 - stages 1–2: {data.get('spec', {}).get('pairs', plan.pairs)} X-caption pairs per modality (image, audio, video),
   seed {TRAIN_SEEDS['pairs']}, paraphrased captions
 - stage 3: {data.get('spec', {}).get('dialogs', plan.dialogs)} MosIT-style dialogs (describe / create / transform /
-  ask / chit-chat, 2–4 exchanges), seed {TRAIN_SEEDS['dialogs']}
+  ask / chit-chat, 2–4 exchanges), seed {TRAIN_SEEDS['dialogs']}{refit_data}
 - data generation: {data.get('seconds', 0) / 60:.1f} min
 
 ## Training (2 CPU cores, fp32, AdamW, linear warmup/decay)
