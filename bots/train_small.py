@@ -370,7 +370,7 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
                        MediaCache(model.encoder.encode), cache.get)  # fmt: skip
     feats: dict[str, list[torch.Tensor]] = {m: [] for m in SIGNALS}
     targets: dict[str, list[torch.Tensor]] = {m: [] for m in SIGNALS}
-    llm_digest = _digest([src / WEIGHTS_FILE])
+    llm_digest = _digest([src / WEIGHTS_FILE, *(f for f in (src / "adapter").glob("*") if f.is_file())])  # rows, input projection, LoRA
     for name, (records, paths) in sources.items():
         if not records:
             continue
