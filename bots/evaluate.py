@@ -115,15 +115,10 @@ class Case:
     result: dict[str, Any] = field(default_factory=dict)
 
 
-def _fmt(template: str, attrs: dict) -> str:
-    import re
-
-    return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", template.format(**attrs))
-
-
 def build_cases(n: int, seed: int, media_dir: Path, side: int = 64, plain: int | None = None) -> list[Case]:
     """n cases per direction + the plain prompts (all of `PLAIN`, or the first `plain`), with the
     inputs of the X→text cases rendered into media_dir. Deterministic in (n, seed)."""
+    from nextgpt.world.captions import fill
     from nextgpt.world.dataset import EXTENSIONS, write_media
     from nextgpt.world.spec import sample_spec
 
@@ -138,7 +133,7 @@ def build_cases(n: int, seed: int, media_dir: Path, side: int = 64, plain: int |
             attrs = spec.attributes()
             if direction.startswith("text→"):
                 template = pick({"image": T2I, "audio": T2A, "video": T2V}[modality])
-                cases.append(Case(direction, _fmt(template, attrs), attrs, modality))
+                cases.append(Case(direction, fill(template, attrs), attrs, modality))
             else:
                 path = media_dir / f"{modality}-{i:04d}.{EXTENSIONS[modality]}"
                 write_media(spec, path, side)

@@ -49,7 +49,8 @@ VIDEO_PARAPHRASES = (
 _ARTICLE = re.compile(r"\b([Aa]) (?=[aeiou])")
 
 
-def _fill(template: str, attributes: dict) -> str:
+def fill(template: str, attributes: dict) -> str:
+    """A caption template with the attributes in, "a" → "an" before a vowel."""
     return _ARTICLE.sub(r"\1n ", template.format(**attributes))
 
 
@@ -62,15 +63,15 @@ def _choose(rng: np.random.Generator | None, templates) -> str:
 def caption_image(spec: ImageSpec, rng: np.random.Generator | None = None, *, require_all: bool = False) -> str:
     """Canonical or paraphrased caption (uniform over templates; canonical when rng is None)."""
     templates = (IMAGE_CANONICAL, *IMAGE_PARAPHRASES) + (() if require_all else IMAGE_PARTIAL)
-    return _fill(_choose(rng, templates), spec.attributes())
+    return fill(_choose(rng, templates), spec.attributes())
 
 
 def caption_audio(spec: AudioSpec, rng: np.random.Generator | None = None) -> str:
-    return _fill(_choose(rng, (AUDIO_CANONICAL, *AUDIO_PARAPHRASES)), spec.attributes())
+    return fill(_choose(rng, (AUDIO_CANONICAL, *AUDIO_PARAPHRASES)), spec.attributes())
 
 
 def caption_video(spec: VideoSpec, rng: np.random.Generator | None = None) -> str:
-    return _fill(_choose(rng, (VIDEO_CANONICAL, *VIDEO_PARAPHRASES)), spec.attributes())
+    return fill(_choose(rng, (VIDEO_CANONICAL, *VIDEO_PARAPHRASES)), spec.attributes())
 
 
 def caption(spec, rng: np.random.Generator | None = None) -> str:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -40,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from nextgpt.world.captions import canonical_caption
+from nextgpt.world.analyze import parse_caption
+from nextgpt.world.captions import canonical_caption, fill
 from nextgpt.world.dataset import EXTENSIONS, FOLDERS, NAME_KEYS, write_media
 from nextgpt.world.spec import (
     COLOURS,
@@ -113,11 +113,6 @@ def _other(rng: np.random.Generator, options, current):
     return _pick(rng, [o for o in options if o != current])
 
 
-def _says(caption: str, key: str, value) -> bool:
-    """Whether a caption names this attribute (rendering parameters such as seconds are kept)."""
-    return not isinstance(value, str) or re.search(rf"\b{re.escape(value)}\b", caption) is not None
-
-
 def _ask(rng: np.random.Generator, spec: Spec) -> tuple[str, str]:
     if isinstance(spec, AudioSpec):
         if rng.random() < 0.5:
@@ -167,7 +162,7 @@ def _transform(rng: np.random.Generator, spec: Spec) -> tuple[str, Spec, str]:
 
 def _mention(rng: np.random.Generator, spec: Spec) -> str:
     """The words a create turn uses for its output (vary_captions): one of MENTIONS, uniformly."""
-    return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", _pick(rng, MENTIONS[spec.modality]).format(**spec.attributes()))
+    return fill(_pick(rng, MENTIONS[spec.modality]), spec.attributes())
 
 
 def sample_dialogs(n: int, seed: int, *, vary_captions: bool = False) -> list[list[dict[str, Any]]]:
@@ -209,9 +204,10 @@ def sample_dialogs(n: int, seed: int, *, vary_captions: bool = False) -> list[li
                 subject = spec
             else:  # transform
                 q, spec, prefix = _transform(rng, subject)
+                c = canonical_caption(spec)
                 turns += [
                     {"from": "human", "value": q, "kind": kind},
-                    {"from": "gpt", "value": f"{prefix} {canonical_caption(spec)}.", "kind": kind, "output": spec},
+                    {"from": "gpt", "value": f"{prefix} {c}.", "kind": kind, "output": spec, "caption": c},
                 ]
                 subject = spec
         dialogs.append(turns)
@@ -254,9 +250,10 @@ def write_dialogs(
             if "output" in t:
                 spec = t["output"]
                 turn["output_modality"] = spec.modality
-                turn["caption"] = t.get("caption") or canonical_caption(spec)
-                # only what the caption says (a partial caption leaves the rest to the decoder)
-                turn["attributes"] = {k: v for k, v in spec.attributes().items() if not vary_captions or _says(turn["caption"], k, v)}
+                turn["caption"] = t["caption"]
+                # what the caption says (a partial caption leaves the rest to the decoder) + rendering parameters
+                said = parse_caption(t["caption"], spec.modality)
+                turn["attributes"] = {k: v for k, v in spec.attributes().items() if k in said or not isinstance(v, str)}
                 if outputs:
                     turn[NAME_KEYS[spec.modality]] = media(spec)
             conv.append(turn)

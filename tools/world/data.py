@@ -69,10 +69,6 @@ def audio_specs(seconds: float = 2.0) -> list[AudioSpec]:
     return [AudioSpec(p, t, seconds) for p, t in itertools.product(PITCHES, TIMBRES)]
 
 
-def fill(template: str, attributes: dict) -> str:
-    return C._fill(template, attributes)
-
-
 @dataclass
 class CaptionBank:
     """Every (sample, template) caption of one modality: `texts[k]` describes sample `owner[k]`."""
@@ -85,7 +81,7 @@ def caption_bank(modality: str, specs) -> CaptionBank:
     texts, owner = [], []
     for i, spec in enumerate(specs):
         for template in TEMPLATES[modality]:
-            texts.append(fill(template, spec.attributes()))
+            texts.append(C.fill(template, spec.attributes()))
             owner.append(i)
     return CaptionBank(texts, np.asarray(owner, np.int64))
 
@@ -163,7 +159,7 @@ def sample_text(modality: str, rng: np.random.Generator, synonym_p: float = 0.3)
         options = SYNONYMS.get(key, {}).get(value, [])
         if options and rng.random() < synonym_p:
             shown[key] = options[int(rng.integers(len(options)))]
-    text = fill(template, shown)
+    text = C.fill(template, shown)
     named = {k: attrs[k] for k in attrs if "{" + k + "}" in template}
     return text, named
 
