@@ -157,19 +157,23 @@ def _say(msg: str) -> None:
 # ----------------------------------------------------------------------------------------- data
 
 
-def make_data(work: Path, plan: Plan, state: dict) -> dict[str, Path]:
-    """Pairs (one JSON per modality) + dialogs under work/data; skipped when already written with
-    the same sizes (the files are a deterministic function of (n, seed, side))."""
+def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str, Path]:
+    """Pairs (one JSON per modality) + dialogs under work/data, and `varied` more dialogs for the
+    refit whose create requests name the output in varied, partial wordings ("a blue square", "a
+    high beep"), as users ask (the stage-3 dialogs always use the full canonical caption); skipped
+    when already written with the same sizes (the files are a deterministic function of (n, seed, side))."""
     from nextgpt.world.dataset import pairs_json_path, write_pairs
     from nextgpt.world.dialogs import DIALOGS_FILE, write_dialogs
 
     data = work / "data"
-    want = {"pairs": plan.pairs, "dialogs": plan.dialogs, "side": plan.side, "seeds": TRAIN_SEEDS}
+    want = {"pairs": plan.pairs, "dialogs": plan.dialogs, "varied": varied, "side": plan.side, "seeds": TRAIN_SEEDS}
     have = state.get("data", {})
     files = {m: pairs_json_path(data / "pairs", m) for m in MODALITIES}
     files["dialogs"] = data / "dialogs" / DIALOGS_FILE
+    if varied:
+        files["varied"] = data / "refit-dialogs" / DIALOGS_FILE
     if have.get("spec") == want and all(f.is_file() for f in files.values()):
-        _say(f"data: present ({plan.pairs} pairs per modality, {plan.dialogs} dialogs)")
+        _say(f"data: present ({plan.pairs} pairs per modality, {plan.dialogs} dialogs, {varied} refit dialogs)")
         return files
     t0 = time.perf_counter()
     for m in MODALITIES:
@@ -179,6 +183,10 @@ def make_data(work: Path, plan: Plan, state: dict) -> dict[str, Path]:
     t = time.perf_counter()
     write_dialogs(data / "dialogs", plan.dialogs, TRAIN_SEEDS["dialogs"], plan.side, outputs=False)
     _say(f"data: {plan.dialogs} dialogs ({time.perf_counter() - t:.0f} s)")
+    if varied:
+        t = time.perf_counter()
+        write_dialogs(files["varied"].parent, varied, TRAIN_SEEDS["refit_dialogs"], plan.side, outputs=False, vary_captions=True)
+        _say(f"data: {varied} refit dialogs with varied captions ({time.perf_counter() - t:.0f} s)")
     state["data"] = {"spec": want, "seconds": round(time.perf_counter() - t0, 1)}
     _save_state(work, state)
     return files
@@ -314,7 +322,7 @@ class RefitPlan:
     dialogs: int  # stage-3 dialogs whose outputs are used (in-context states, as at inference)
     pairs: int  # stage-2 style examples per modality (caption → caption + signals; cheap volume)
     steps: int  # projector optimizer steps on the cached states
-    varied: int = 0  # extra dialogs whose requests name the output in varied, partial wordings (make_refit_dialogs)
+    varied: int = 0  # extra dialogs whose requests name the output in varied, partial wordings (make_data)
     batch_size: int = 32
     lr: float = 1e-3
     forward_batch: int = 16
@@ -358,11 +366,10 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     model = NextGPT.from_profile(profile, settings.cache_path)
     model.llm.eval()
     enc = DialogEncoder(model.tokenizer, model.template, model.system_prompt, plan.stages[3].max_length)
-    varied_file = make_refit_dialogs(work, rp, plan.side, state)
     sources = {  # name → (records, the files they come from)
         "dialogs": ([d for d in load_stage_data(3, [files["dialogs"]]) if d.outputs][: rp.dialogs], [files["dialogs"]]),
         "pairs": ([p for m in MODALITIES for p in load_stage_data(2, [files[m]])[: rp.pairs]], [files[m] for m in MODALITIES]),
-        "varied": ([d for d in load_stage_data(3, [varied_file]) if d.outputs] if varied_file else [], [varied_file] if varied_file else []),
+        "varied": ([d for d in load_stage_data(3, [files["varied"]]) if d.outputs], [files["varied"]]) if "varied" in files else ([], []),
     }
     cache = TargetCache(_target_dirs(settings, profile, args.targets_dir))
     shapes = {m: (p.query_embs.shape[1], p.model.out_features) for m, p in model.output_projectors.items()}
@@ -501,26 +508,6 @@ def signal_states(model, collate, examples, forward_batch: int) -> dict:
     return out
 
 
-def make_refit_dialogs(work: Path, rp: "RefitPlan", side: int, state: dict) -> Path | None:
-    """The refit's extra dialogs: create turns that name their output in varied, partial wordings
-    ("a blue square", "a high beep"), as users ask — the stage-3 dialogs always use the full
-    canonical caption. Written once under work/data/refit-dialogs."""
-    from nextgpt.world.dialogs import DIALOGS_FILE, write_dialogs
-
-    if not rp.varied:
-        return None
-    path = work / "data" / "refit-dialogs" / DIALOGS_FILE
-    want = {"n": rp.varied, "seed": TRAIN_SEEDS["refit_dialogs"], "side": side, "vary_captions": True}
-    if state.get("refit_data") == want and path.is_file():
-        return path
-    t = time.perf_counter()
-    write_dialogs(path.parent, rp.varied, TRAIN_SEEDS["refit_dialogs"], side, outputs=False, vary_captions=True)
-    _say(f"data: {rp.varied} refit dialogs with varied captions ({time.perf_counter() - t:.0f} s)")
-    state["refit_data"] = want
-    _save_state(work, state)
-    return path
-
-
 def fold_standardisation(fc, mu, sd) -> None:
     """fc((x - mu) / sd) == fc'(x): W' = W / sd (per input column), b' = b - W' mu."""
     w = fc.weight / sd[None, :]
@@ -593,9 +580,9 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
     else:
         refit_text = "(no projector refit)"
     data = state.get("data", {})
-    rd = state.get("refit_data")
-    refit_data = (f"\n- refit only: {rd['n']} more dialogs whose create requests name the output in varied, partial wordings"
-                  f" (\"a blue square\", \"a high beep\"), seed {rd['seed']}") if rd else ""  # fmt: skip
+    varied = data.get("spec", {}).get("varied")
+    refit_data = (f"\n- refit only: {varied} more dialogs whose create requests name the output in varied, partial wordings"
+                  f" (\"a blue square\", \"a high beep\"), seed {TRAIN_SEEDS['refit_dialogs']}") if varied else ""  # fmt: skip
     text = f"""# NExT-GPT `{profile_name}` checkpoint (shapes world)
 
 The trained tensors of the `{profile_name}` profile (`checkpoint: ./weights/small/nextgpt` in config.yaml):
@@ -712,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
             state["inputs"] = fp
         args.targets_dir = str(targets_dir(work, state.get("inputs", fp)))
         if not args.publish_partial:
-            files = make_data(work, plan, state)
+            files = make_data(work, plan, state, varied=0 if args.no_refit else _refit_plan(args).varied)
             wanted = {int(s) for s in args.stages.split(",") if s.strip()}
             for stage in (1, 2, 3):
                 if stage in wanted:
