@@ -61,7 +61,8 @@ class ProjectorConfig(_Strict):
     num_encoder_layers: int = Field(4, ge=1)
     num_decoder_layers: int = Field(4, ge=1)
     dim_feedforward: int = Field(2048, ge=1)
-    normalize: bool = Field(False, description="L2-normalise the output (AudioLDM's CLAP embedding)")
+    norm_first: bool = Field(True, description="pre-norm transformer layers, as the official layer (model/layers.py:44)")
+    normalize: bool = Field(False, description="L2-normalise the output (the official code does not)")
 
 
 class DecoderConfig(_Strict):

@@ -4,6 +4,8 @@ Parameter names match the official release (`fc`, `tfm`, `query_embs`, `model`),
 v0 checkpoint loads with a strict `load_state_dict`.
 """
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,13 +23,25 @@ class OutputProjector(nn.Module):
     input: (B, N, llm_hidden) = last-layer hidden states at the N signal positions + those tokens'
     input embeddings -> Linear(llm_hidden -> d_model) -> nn.Transformer whose decoder reads Q
     learned queries -> Linear(d_model -> D) -> (B, Q, D), the decoder's `prompt_embeds`.
+
+    The transformer is pre-norm (`norm_first=True`), as the official `nn.Transformer(batch_first=True,
+    norm_first=True, ...)`: a strict load cannot tell pre- from post-norm (same parameter names),
+    only the outputs can (tests/test_projector_official.py compares them with the official layer).
     """
 
     def __init__(self, llm_hidden: int, cfg: ProjectorConfig):
         super().__init__()
         self.normalize = cfg.normalize
         self.fc = nn.Linear(llm_hidden, cfg.d_model)
-        self.tfm = nn.Transformer(
+        with warnings.catch_warnings():  # "enable_nested_tensor is True, but ... norm_first was True": a speed note
+            warnings.filterwarnings("ignore", message="enable_nested_tensor")
+            self.tfm = self._transformer(cfg)
+        self.query_embs = nn.Parameter(torch.randn(1, cfg.num_queries, cfg.d_model))
+        self.model = nn.Linear(cfg.d_model, cfg.out_dim)
+
+    @staticmethod
+    def _transformer(cfg: ProjectorConfig) -> nn.Transformer:
+        return nn.Transformer(
             d_model=cfg.d_model,
             nhead=cfg.num_heads,
             num_encoder_layers=cfg.num_encoder_layers,
@@ -35,9 +49,8 @@ class OutputProjector(nn.Module):
             dim_feedforward=cfg.dim_feedforward,
             dropout=0.0,
             batch_first=True,
+            norm_first=cfg.norm_first,  # the official layer is pre-norm; post-norm has the same parameter names
         )
-        self.query_embs = nn.Parameter(torch.randn(1, cfg.num_queries, cfg.d_model))
-        self.model = nn.Linear(cfg.d_model, cfg.out_dim)
 
     def forward(self, signal_states: torch.Tensor) -> torch.Tensor:
         x = self.fc(signal_states)
