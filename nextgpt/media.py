@@ -40,7 +40,12 @@ MODALITY_NAMES = ("image", "audio", "video")
 
 MAX_BYTES = 50 * 2**20
 MAX_PIXELS = 40_000_000
-MAX_AUDIO_SAMPLES = 2**28  # decoded mono samples (1 GiB of float32; ~93 min at 48 kHz)
+# The per-attachment resource budget: checked from the header before decoding, and again while
+# decoding (a header can lie). Each error names its limit.
+MAX_AUDIO_SECONDS = 600.0  # audio duration (a FLAC of 93 min of silence is 850 KB)
+MAX_AUDIO_SAMPLES = 2**25  # decoded mono samples (128 MiB of float32; ~11.6 min at 48 kHz)
+MAX_VIDEO_SECONDS = 600.0  # video duration
+MAX_VIDEO_DECODED_PIXELS = 10**10  # decoded frames × width × height (1080p: ~80 s at 60 fps)
 MAX_VIDEO_FRAMES = 200_000  # decoded frames (over an hour at 30 fps) before giving up
 VIDEO_MEMORY_BUDGET = 1 << 30  # bytes of kept RGB frames in `load_video`
 
@@ -406,15 +411,37 @@ def load_audio(path: _PathLike, max_samples: int = MAX_AUDIO_SAMPLES) -> tuple[n
     return wave, int(sr)
 
 
+def _audio_too_long(path: _PathLike, seconds: float | None = None, samples: int | None = None,
+                    max_samples: int = MAX_AUDIO_SAMPLES) -> AttachmentError:
+    if seconds is not None:
+        limit = f"{seconds:.0f} s, limit max_audio_seconds = {MAX_AUDIO_SECONDS:.0f} s"
+    else:
+        limit = f"{samples} samples, limit max_audio_samples = {max_samples}"
+    return AttachmentError(path, f"audio too long ({limit}) — possible decompression bomb")
+
+
+def _check_audio_size(path: _PathLike, frames: float, sr: float, max_samples: int) -> None:
+    if sr > 0 and frames / sr > MAX_AUDIO_SECONDS:
+        raise _audio_too_long(path, seconds=frames / sr)
+    if frames > max_samples:
+        raise _audio_too_long(path, samples=int(frames), max_samples=max_samples)
+
+
 def _decode_soundfile(path: _PathLike, max_samples: int) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     with sf.SoundFile(os.fspath(path)) as f:
-        if f.frames > max_samples:
-            raise AttachmentError(path, f"audio too long ({f.frames / max(f.samplerate, 1):.0f} s)")
-        data = f.read(dtype="float32", always_2d=True)
         sr = f.samplerate
-    wave = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)
+        _check_audio_size(path, f.frames, sr, max_samples)  # from the header, before decoding
+        blocks, total = [], 0
+        while True:  # in blocks, channels averaged as read: never all channels of the file at once
+            data = f.read(1 << 18, dtype="float32", always_2d=True)
+            if not len(data):
+                break
+            blocks.append(data[:, 0].copy() if data.shape[1] == 1 else data.mean(axis=1))
+            total += len(data)
+            _check_audio_size(path, total, sr, max_samples)  # a header may understate the length
+    wave = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
     return np.ascontiguousarray(wave, dtype=np.float32), sr
 
 
@@ -426,6 +453,9 @@ def _decode_av_audio(path: _PathLike, max_samples: int) -> tuple[np.ndarray, int
         if not c.streams.audio:
             raise AttachmentError(path, "no audio stream")
         stream = c.streams.audio[0]
+        seconds = _av_seconds(c, stream)
+        if seconds is not None and seconds > MAX_AUDIO_SECONDS:  # from the header, before decoding
+            raise _audio_too_long(path, seconds=seconds)
         resampler = av.AudioResampler(format="fltp")  # planar float, same layout and rate
 
         def take(frames):
@@ -435,14 +465,22 @@ def _decode_av_audio(path: _PathLike, max_samples: int) -> tuple[np.ndarray, int
                 chunks.append(a.mean(axis=0) if a.shape[0] > 1 else a[0])
                 total += a.shape[1]
                 sr = f.sample_rate
-                if total > max_samples:
-                    raise AttachmentError(path, f"audio too long (more than {max_samples} samples)")
+                _check_audio_size(path, total, sr, max_samples)
 
         for frame in c.decode(stream):
             take(resampler.resample(frame))
         take(resampler.resample(None))
     wave = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
     return wave, sr
+
+
+def _av_seconds(container, stream) -> float | None:
+    """A stream's duration in seconds from the container's header (None when it does not say)."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / 1_000_000  # AV_TIME_BASE
+    return None
 
 
 def resample(wave: np.ndarray | torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
@@ -608,6 +646,15 @@ class _open_video:
                 raise AttachmentError(
                     self.path, f"video frames too large ({w}x{h} pixels, limit {self.max_pixels}) — possible decompression bomb"
                 )
+            seconds = _av_seconds(self.container, stream)
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            frames = stream.frames or (seconds * float(rate) if seconds and rate else 0)
+            if seconds is not None and seconds > MAX_VIDEO_SECONDS:
+                raise AttachmentError(
+                    self.path, f"video too long ({seconds:.0f} s, limit max_video_seconds = {MAX_VIDEO_SECONDS:.0f} s)"
+                )
+            if frames * w * h > MAX_VIDEO_DECODED_PIXELS:
+                raise AttachmentError(self.path, _too_many_pixels(frames, w, h))
             stream.thread_type = "AUTO"
         except BaseException:
             self.container.close()
@@ -617,6 +664,11 @@ class _open_video:
     def __exit__(self, *exc):
         self.container.close()
         return False
+
+
+def _too_many_pixels(frames: float, w: int, h: int) -> str:
+    return (f"video too large to decode ({frames:.0f} frames of {w}x{h} pixels, limit max_video_pixels = "
+            f"{MAX_VIDEO_DECODED_PIXELS:.0e} decoded pixels) — possible decompression bomb")
 
 
 def _first_frame(path, container, stream):
@@ -649,6 +701,8 @@ def load_video(path: _PathLike, max_frames: int = 128, max_pixels: int = MAX_PIX
             for i, frame in enumerate(container.decode(stream)):
                 if i >= MAX_VIDEO_FRAMES:
                     raise AttachmentError(path, f"video too long (more than {MAX_VIDEO_FRAMES} frames)")
+                if (i + 1) * frame.width * frame.height > MAX_VIDEO_DECODED_PIXELS:  # a header may lie
+                    raise AttachmentError(path, _too_many_pixels(i + 1, frame.width, frame.height))
                 if frame.time is not None:
                     first_time = frame.time if first_time is None else first_time
                     last_time = frame.time

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.cache_utils import DynamicLayer
 
-from nextgpt import templates
+from nextgpt import escape, templates
 from nextgpt.config import Profile
 from nextgpt.devices import resolve
 from nextgpt.llm import load_llm
@@ -59,7 +59,7 @@ class Reply:
     trace: str  # the raw generated text, signal tokens included (what the context keeps)
     signals: list[Signal]
     token_ids: list[int]
-    finish_reason: str  # stop | eos | length
+    finish_reason: str  # stop | eos | length | repetition
     timings: dict[str, float]
 
 
@@ -148,6 +148,23 @@ class PromptCache:
         self.kv, self.keys = None, []
 
 
+def repeating_tail(ids: list[int], span: int = 16, max_period: int = 8, repeats: int = 4) -> int:
+    """How many tokens to cut when the reply ends in a loop, else 0: the last max(span, repeats × p)
+    tokens repeat one piece of p ≤ max_period tokens ("five five five …", "ababab…"); all but its
+    first copy go. A legitimate repetition ("beep beep beep") is far shorter than `span`."""
+    for p in range(1, max_period + 1):
+        n = max(span, repeats * p)
+        if len(ids) < n:
+            break
+        tail = ids[-n:]
+        if all(tail[i] == tail[i + p] for i in range(n - p)):
+            start = len(ids) - n
+            while start > 0 and ids[start - 1] == ids[start - 1 + p]:  # where the loop began
+                start -= 1
+            return len(ids) - (start + p)
+    return 0
+
+
 class NextGPT(nn.Module):
     def __init__(self, llm, tokenizer, encoder, input_proj, output_projectors, *, template, system_prompt=None):
         super().__init__()
@@ -164,6 +181,8 @@ class NextGPT(nn.Module):
         self.first_signal = {ids[0]: m for m, ids in self.signal_ids.items()}
         self.all_signal_ids = {i for ids in self.signal_ids.values() for i in ids}
         self.stop_strings = templates.stop_strings(template, tokenizer)
+        # strings that typed into a message would become tokens or turns (see nextgpt.escape)
+        self.markers = escape.markers(tokenizer, self.stop_strings)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -217,6 +236,7 @@ class NextGPT(nn.Module):
         """Prompt embeddings (1, T, hidden) — the template's tokens with media spliced into their
         slots — and one key per position (the token id, or a digest of the media embedding), which
         `PromptCache` compares to reuse the key/value cache of an unchanged prefix."""
+        messages = escape.neutralise_messages(messages, self.markers)  # typed markers stay text
         prompt = templates.render(self.template, self.tokenizer, messages, self.system_prompt)
         ids = self.tokenizer(prompt, add_special_tokens=self.template == "vicuna_v0", return_tensors="pt")["input_ids"][0]
         embed = self.llm.get_input_embeddings()
@@ -224,7 +244,7 @@ class NextGPT(nn.Module):
         keys: list = ids.tolist()
         pairs = zip(keys, keys[1:])  # on Python ints: indexing the tensor one element at a time cost ms per turn
         slots = [i + 1 for i, pair in enumerate(pairs) if pair == (self.media_start_id, self.media_end_id)]
-        if len(slots) != len(media):
+        if len(slots) != len(media):  # the template writes one slot per item; text can no longer add any
             raise ValueError(f"prompt has {len(slots)} media slots for {len(media)} media items")
         token_embeds = embed(ids.to(self.device))
         if not media:
@@ -292,7 +312,10 @@ class NextGPT(nn.Module):
         emitted: list[tuple[str, int]] = []  # (modality, index of its first signal token)
         streamed, finish = 0, "length"
         logits = out.logits[0, -1]
+        ending = False  # the reply is over once the forced tokens are fed
         while True:
+            if ending and not forced:
+                break
             if forced:
                 next_id = forced.pop(0)
             else:
@@ -318,6 +341,22 @@ class NextGPT(nn.Module):
             ids.append(next_id)
             states.append(out.hidden_states[-1][0, -1] + token_embed[0, -1])
             logits = out.logits[0, -1]
+            if not forced and next_id not in self.all_signal_ids and (loop := repeating_tail(ids)):
+                # a reply that loops ("fivefivefive…") stops now instead of running to the token limit:
+                # one copy of the repeated piece is kept, the rest is cut off the tokens and the cache
+                keep = len(ids) - loop
+                crop_to(kv, inputs.shape[1] + keep)
+                del ids[keep:], states[keep:]
+                emitted = [e for e in emitted if e[1] < keep]
+                finish, ending = "repetition", True
+                missing = [m for m in want if m not in {e[0] for e in emitted}]
+                if not missing:
+                    break
+                forced = []  # every wanted group, then the reply ends
+                for m in missing:
+                    emitted.append((m, len(ids) + len(forced)))
+                    forced += self.signal_ids[m]
+                continue
             if not forced and next_id not in self.all_signal_ids:
                 text = self._text(ids)
                 stop_at = self._stop_index(text)

@@ -21,8 +21,10 @@ Output directory:
       nextgpt.safetensors        `checkpoint`): input_proj.*, output_projectors.<m>.*,
       adapter/                   embed_tokens.new_rows, lm_head.new_rows; peft LoRA adapter (stage 3)
       meta.json  trainer.json  metrics.jsonl
-      checkpoints/step-000100/   the same files + trainer_state/ (optimizer, scheduler, RNG, step:
-                                 accelerate's save_state without the frozen model) → --resume
+      checkpoints/step-000100/   the same files + trainer_state/ (optimizer and RNG: accelerate's
+                                 save_state without the frozen model; step and scheduler:
+                                 progress.json) → --resume, which never unpickles: every file is
+                                 read with torch.load(weights_only=True) or as JSON
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ CHECKPOINTS = "checkpoints"
 STATE_DIR = "trainer_state"
 COMPLETE = "complete"  # written last into STATE_DIR
 TRAINER_FILE = "trainer.json"
+PROGRESS_FILE = "progress.json"  # in STATE_DIR: the step and the LR scheduler's state
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -181,7 +184,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class Progress:
-    """Where training stands; saved with accelerate's state (register_for_checkpointing)."""
+    """Where training stands; saved as JSON beside accelerate's state (PROGRESS_FILE)."""
 
     def __init__(self):
         self.step = 0
@@ -554,7 +557,9 @@ class Trainer:
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         progress = Progress()
-        acc.register_for_checkpointing(scheduler, progress)
+        # not acc.register_for_checkpointing: accelerate reloads registered objects with
+        # torch.load(weights_only=False), so a planted custom_checkpoint_*.pkl would run code
+        self._scheduler, self._progress = scheduler, progress
         hooks = [
             acc.register_save_state_pre_hook(lambda models, weights, out: weights.clear()),
             acc.register_load_state_pre_hook(lambda models, inp: models.clear()),
@@ -572,7 +577,7 @@ class Trainer:
                     self.log(f"warning: resuming with {', '.join(changed)}: the data order will not continue exactly")
                 self.load_trainable(src)
                 # DeepSpeed restores the engine from its own files, which hold only the trainable tensors
-                acc.load_state(str(src / STATE_DIR), **({"load_module_strict": False} if self._deepspeed else {}))
+                self.load_resumable(src / STATE_DIR, optimizer, scheduler, progress)
                 self.log(f"resumed from {src} at step {progress.step}")
             return self._loop(module, optimizer, scheduler, loader, sampler, progress, max_steps, steps_per_epoch, len(examples))
         finally:
@@ -666,6 +671,8 @@ class Trainer:
         acc.save_state(str(dst / STATE_DIR), **({"exclude_frozen_parameters": True} if self._deepspeed else {}))
         acc.wait_for_everyone()
         if acc.is_main_process:
+            state = {"progress": self._progress.state_dict(), "scheduler": self._scheduler.state_dict()}
+            (dst / STATE_DIR / PROGRESS_FILE).write_text(json.dumps(state, indent=1))
             (dst / STATE_DIR / COMPLETE).write_text(f"{step}\n")  # every process has written its part
         if final and acc.is_main_process:
             self.write_checkpoint(self.cfg.output_dir, step)
@@ -674,6 +681,49 @@ class Trainer:
             self.log(f"saved {dst}")
         acc.wait_for_everyone()
         return dst
+
+    def load_resumable(self, state_dir: Path, optimizer, scheduler, progress: Progress) -> None:
+        """Restore optimizer, RNG, scheduler and step from `state_dir` without unpickling anything:
+        tensors and plain containers through torch.load(weights_only=True) (a pickle that names any
+        other object is refused, never run), the step and the scheduler from JSON. A checkpoint
+        written before progress.json existed holds them in custom_checkpoint_{0,1}.pkl (plain
+        dicts), read the same safe way."""
+        import pickle
+        import random
+
+        import numpy as np
+        from accelerate.utils import load as safe_load  # torch.load(weights_only=True) + numpy arrays
+
+        acc = self.accelerator
+
+        def read(path: Path, **kw):
+            try:
+                return safe_load(path, map_location="cpu", **kw)
+            except pickle.UnpicklingError as e:
+                raise TrainError(f"{path}: refusing to load (it holds more than tensors and plain data: {str(e).splitlines()[0]})") from None
+            except FileNotFoundError:
+                raise TrainError(f"{path}: missing; this checkpoint is incomplete") from None
+
+        if self._deepspeed:  # the engine restores itself from its own files (optimizer shards)
+            acc.load_state(str(state_dir), load_module_strict=False)
+        else:
+            optimizer.load_state_dict(read(state_dir / "optimizer.bin"))
+            rng = read(state_dir / f"random_states_{acc.process_index}.pkl")
+            random.setstate(rng["random_state"])
+            np.random.set_state(rng["numpy_random_seed"])
+            torch.set_rng_state(rng["torch_manual_seed"])
+            if torch.cuda.is_available() and "torch_cuda_manual_seed" in rng:
+                torch.cuda.set_rng_state_all(rng["torch_cuda_manual_seed"])
+        if (state_dir / PROGRESS_FILE).is_file():
+            try:
+                saved = json.loads((state_dir / PROGRESS_FILE).read_text())
+                progress.load_state_dict(saved["progress"])
+                scheduler.load_state_dict(saved["scheduler"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise TrainError(f"{state_dir / PROGRESS_FILE}: unreadable ({e})") from None
+        else:  # written by an older version
+            scheduler.load_state_dict(read(state_dir / "custom_checkpoint_0.pkl"))
+            progress.load_state_dict(read(state_dir / "custom_checkpoint_1.pkl"))
 
     # ------------------------------------------------------------------ after training
     def finalize(self):
