@@ -10,8 +10,12 @@ Ctrl-C or a killed process mid-reply loses only the unfinished reply.
 
 Context policy (explicit): the prompt holds the session's turns, newest last, as the model's own
 template renders them: user text with one media slot per attachment, assistant replies as their
-raw token trace (signal tokens included) followed by one slot per media they produced, so "make
-the last image blue" sees that image. When the rendered history would exceed `context_tokens −
+raw token trace — the reply's words, which name what it made ("Here it is in blue: a large blue
+circle."), and its signal tokens. That is exactly what stage 3 trains on (and the official format):
+an edit such as "now make it blue" is learned from the words of the last reply. The media a reply
+produced are not fed back as input slots: the model never sees its own outputs re-encoded in
+training, and a reply followed by an unseen `<Img>…</Img>` slot sent the small model into loops
+("…fivefivefive"). When the rendered history would exceed `context_tokens −
 max_new_tokens`, whole turns are dropped from the oldest end (a user turn and its reply go
 together); the newest user turn is always kept. When it has to drop, it drops down to
 `TRUNCATE_TO` (¾) of the budget and then keeps that first turn until the budget is exceeded again,
@@ -212,8 +216,7 @@ class Chat:
                 messages.append(Message("system", t.text))
                 continue
             text = t.text if t.role == "user" else (t.token_trace or t.text)
-            media = t.media_in if t.role == "user" else t.media_out
-            items = [MediaInput(m.modality, embedding=self._embedding(m)) for m in media]
+            items = [MediaInput(m.modality, embedding=self._embedding(m)) for m in t.media_in] if t.role == "user" else []
             messages.append(Message(t.role, text, items))
         start = self._truncate(messages, [t.id for t in turns])
         return messages[start:]

@@ -249,3 +249,33 @@ def test_cached_turns_give_the_full_prefill_logits_through_a_conversation(tiny_m
     _, reused, length = turn(13)
     assert reused < 20  # only the template's opening is shared
     turn(14)
+
+
+def test_a_looping_reply_stops_early(tiny_model):
+    """A model that says one word forever ("fivefivefive…") stops after the loop is seen, not at the limit."""
+    tok = tiny_model.tokenizer
+    five = tok("five", add_special_tokens=False)["input_ids"][-1]
+    bias = torch.zeros(tiny_model.llm.get_output_embeddings().weight.shape[0])
+    bias[five] = 1e4
+    hook = tiny_model.llm.get_output_embeddings().register_forward_hook(lambda m, i, out: out + bias)
+    try:
+        reply = tiny_model.generate([Message("user", "count")], temperature=0, max_new_tokens=200)
+        wanted = tiny_model.generate([Message("user", "count")], temperature=0, max_new_tokens=200, want=["audio", "image"])
+    finally:
+        hook.remove()
+    assert reply.finish_reason == "repetition"
+    assert reply.token_ids == [five]  # one copy of the repeated piece is kept
+    assert wanted.finish_reason == "repetition" and [s.modality for s in wanted.signals] == ["audio", "image"]
+    audio, image = (MODALITIES[m].signal_tokens for m in ("audio", "image"))
+    assert tok.convert_ids_to_tokens(wanted.token_ids) == [tok.convert_ids_to_tokens(five)] + audio + image
+    assert [s.position for s in wanted.signals] == [1, 1 + len(audio)]
+
+
+def test_repeating_tail_finds_loops_not_ordinary_repetition():
+    from nextgpt.model import repeating_tail
+
+    assert repeating_tail([1, 2, 3] + [7, 8, 9] * 6) == 15  # keeps one "7 8 9"
+    assert repeating_tail([5] * 16) == 15
+    assert repeating_tail([5] * 15) == 0  # shorter than the span
+    assert repeating_tail([4, 9] * 4) == 0  # "beep beep beep beep"
+    assert repeating_tail(list(range(40))) == 0

@@ -74,7 +74,8 @@ def test_context_carries_earlier_media_and_truncates(chat, media_files):
     roles = [m.role for m in messages]
     assert roles == ["user", "assistant", "user", "assistant"]
     assert [i.modality for i in messages[0].media] == ["audio"]
-    assert "image" in [i.modality for i in messages[1].media]  # the image the assistant made
+    # the reply is its trace (words + signal tokens), as stage 3 trains it; its own outputs are not fed back
+    assert messages[1].media == [] and "[IMG0]" in messages[1].text
     chat.context_tokens = chat.assistant.profile.generation.max_new_tokens + 60
     kept = chat.context(chat.history())
     assert kept and kept[0].role == "user" and len(kept) < len(messages)

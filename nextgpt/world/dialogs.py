@@ -165,6 +165,12 @@ def _mention(rng: np.random.Generator, spec: Spec) -> str:
     return fill(_pick(rng, MENTIONS[spec.modality]), spec.attributes())
 
 
+def _said(spec: Spec, caption: str) -> dict[str, Any]:
+    """What a caption says of its spec (a partial caption leaves the rest to the decoder) + rendering parameters."""
+    said = parse_caption(caption, spec.modality)
+    return {k: v for k, v in spec.attributes().items() if k in said or not isinstance(v, str)}
+
+
 def sample_dialogs(n: int, seed: int, *, vary_captions: bool = False) -> list[list[dict[str, Any]]]:
     """The n dialogs `write_dialogs` writes, as turns with `spec` objects instead of file names."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), _STREAM]))
@@ -226,6 +232,16 @@ def write_dialogs(
 ) -> Path:
     """Write n dialogs (stage-3 JSON) and their media; returns the JSON's path. `outputs=False`
     skips rendering the reference outputs (the gpt turns then name no file)."""
+    return write_records(out_dir, sample_dialogs(n, seed, vary_captions=vary_captions), side, outputs=outputs, progress=progress)
+
+
+def write_records(
+    out_dir: str | Path, dialogs: list[list[dict[str, Any]]], side: int = 64, *, outputs: bool = True,
+    progress: Callable[[int], Any] | None = None,
+) -> Path:
+    """Write sampled dialogs (`sample_dialogs`, `conversations.sample_conversations`) as stage-3 JSON
+    with their media. A turn's `input` / `output` (one spec) or `inputs` / `outputs` + `captions`
+    (lists: several media in one turn) become the official fields (lists where there are several)."""
     out_dir = Path(out_dir)
     counters = {m: 0 for m in FOLDERS}
 
@@ -239,7 +255,7 @@ def write_dialogs(
         return name
 
     records = []
-    for i, turns in enumerate(sample_dialogs(n, seed, vary_captions=vary_captions)):
+    for i, turns in enumerate(dialogs):
         conv = []
         for t in turns:
             turn = {"from": t["from"], "value": t["value"], "kind": t["kind"]}
@@ -247,13 +263,26 @@ def write_dialogs(
                 spec = t["input"]
                 turn[NAME_KEYS[spec.modality]] = media(spec)
                 turn["attributes"] = spec.attributes()
+            if "inputs" in t:  # conversations: one or more inputs, all of one modality per name key
+                for spec in t["inputs"]:
+                    turn.setdefault(NAME_KEYS[spec.modality], []).append(media(spec))
+                turn["attributes"] = [spec.attributes() for spec in t["inputs"]]
+            if "outputs" in t:
+                specs, caps = t["outputs"], t["captions"]
+                turn["output_modality"] = [spec.modality for spec in specs]
+                turn["caption"] = list(caps)
+                turn["attributes"] = [_said(spec, cap) for spec, cap in zip(specs, caps)]
+                if outputs:
+                    for spec in specs:
+                        turn.setdefault(NAME_KEYS[spec.modality], []).append(media(spec))
+            if "answer" in t:
+                turn["answer"] = t["answer"]
             if "output" in t:
                 spec = t["output"]
                 turn["output_modality"] = spec.modality
                 turn["caption"] = t["caption"]
                 # what the caption says (a partial caption leaves the rest to the decoder) + rendering parameters
-                said = parse_caption(t["caption"], spec.modality)
-                turn["attributes"] = {k: v for k, v in spec.attributes().items() if k in said or not isinstance(v, str)}
+                turn["attributes"] = _said(spec, t["caption"])
                 if outputs:
                     turn[NAME_KEYS[spec.modality]] = media(spec)
             conv.append(turn)

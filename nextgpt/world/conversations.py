@@ -1,0 +1,483 @@
+"""Multi-turn MosIT conversations over the shapes world: the follow-ups users make.
+
+A conversation is 1–5 context exchanges followed by one exchange of a SCENARIO — the kinds of
+turn that make a conversation, not a one-shot generator (the last exchange is what
+`nextgpt eval --dialogs` scores):
+
+| scenario | the last user turn | the reply |
+|---|---|---|
+| edit | change one attribute of the last output ("now make it blue", "make it bigger", "move it up", "higher") | the edited thing: that attribute changed, the rest kept |
+| convert | "the same but as a video moving left" / "show me a still picture of it" | the same shape and colour in the other modality |
+| refer | change an EARLIER output ("make the first circle green") | that one, edited |
+| multi | two or three modalities in one message ("draw a green square and play a high beep") | each output, one signal group each, in the order asked |
+| chat-create | a request after chit-chat ("hi! how are you?" … "could you draw an orange triangle?") | the requested output |
+| recall | "what colour was the first circle?" | the answer in words, no media |
+| ask | "what colour is it?" about the last output | the answer in words, no media |
+| attach | an attached picture / sound / video + "draw this shape in green" | the output built from the input's attributes |
+
+Context exchanges are creates, describes (an attached input), chit-chat, questions and edits, so
+every scenario is also seen deep in a conversation. The reply to every media request names the
+result's attributes in words ("Here it is in blue: a large blue circle."), and that is what the
+context keeps of an output (its trace: text + signal tokens), so the next edit can be learned from
+it; the turn's `caption` (the projector target) is exactly those words. A caption names only what
+the conversation said (a request for "a red circle" never fixes its size): the decoder fills in
+the rest, and so an edit keeps what was said and changes one thing.
+
+Wording: every intent has a pool of phrasings; `wording="train"` uses three in four of them,
+`wording="eval"` only the held-out fourth, so the evaluation's requests are never seen in
+training. Users' habits (lower case, no final full stop, "please") are added at random.
+
+    turns = sample_conversations(100, seed=5)                       # training data
+    cases = sample_scenarios("edit", 20, seed=12345, wording="eval") # evaluation
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from nextgpt.world.captions import fill
+from nextgpt.world.spec import (
+    COLOURS,
+    DIRECTIONS,
+    PITCHES,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    TIMBRES,
+    AudioSpec,
+    ImageSpec,
+    Spec,
+    VideoSpec,
+    sample_spec,
+)
+
+SCENARIOS = ("edit", "convert", "refer", "multi", "chat-create", "recall", "ask", "attach")
+_STREAM = {"train": 5, "eval": 8}  # random streams (pairs 0-2, dialogs 3, evaluate 7)
+NOUN = {"image": "picture", "audio": "sound", "video": "video"}
+
+# ------------------------------------------------------------------------------------ wordings
+# Each tuple is one intent's phrasings; index % 4 == 3 is held out for evaluation.
+W: dict[str, tuple[str, ...]] = {
+    # creating (c = the words naming the output)
+    "create.image": ("Draw {c}.", "Please make an image of {c}.", "Can you show me a picture of {c}?", "draw me {c}",
+                     "Create an image: {c}.", "I'd like a picture of {c}.", "Make a picture of {c}.", "could you draw {c}?",
+                     "Paint {c}.", "Show me {c}.", "Generate an image of {c}.", "can you draw {c} for me?"),
+    "create.audio": ("Make {c}.", "Play me {c}.", "Can you generate {c}?", "play {c}",
+                     "I would like to hear {c}.", "Give me {c}.", "Create the sound of {c}.", "could you make {c}?",
+                     "Produce {c}.", "Let me hear {c}.", "Generate {c} sound.", "can you play {c} for me?"),
+    "create.video": ("Make a video of {c}.", "Show me a clip of {c}.", "Can you animate {c}?", "animate {c}",
+                     "Create a video: {c}.", "I'd like a video of {c}.", "Make a short clip of {c}.", "could you make a video of {c}?",
+                     "Render a video of {c}.", "Give me an animation of {c}.", "Generate a clip of {c}.", "can you make a clip of {c}?"),
+    "made.image": ("Here is an image of {c}.", "Sure! Here is a picture of {c}.", "I made an image of {c}.", "Here is {c}."),
+    "made.audio": ("Here is {c}.", "Sure! Here is the sound: {c}.", "I made {c} for you.", "Here you go: {c}."),
+    "made.video": ("Here is a video of {c}.", "Sure! Here is a clip of {c}.", "I made a video of {c}.", "Here is an animation of {c}."),
+    # edits (x = the new value)
+    "edit.colour": ("Make it {x}.", "Now make it {x}.", "Change the colour to {x}.", "now make it {x}",
+                    "Can you make it {x}?", "Same thing but {x}.", "Turn it {x}.", "make it {x} instead",
+                    "I'd prefer it in {x}.", "Recolour it {x}.", "Try it in {x}.", "{x} instead, please"),
+    "edit.shape": ("Make it a {x} instead.", "Change it to a {x}.", "Now a {x}.", "change it to a {x}",
+                   "Can you make it a {x}?", "Same but as a {x}.", "Turn it into a {x}.", "make it a {x}",
+                   "Use a {x} instead.", "What about a {x}?", "Try a {x}.", "now do a {x} instead"),
+    "edit.size.large": ("Make it bigger.", "Make it large.", "Can you make it larger?", "make it bigger",
+                        "Bigger, please.", "Now a large one.", "Enlarge it.", "can you make it big?"),
+    "edit.size.small": ("Make it smaller.", "Make it small.", "Can you make it smaller?", "make it smaller",
+                        "Smaller, please.", "Now a small one.", "Shrink it.", "can you make it small?"),
+    "edit.position": ("Move it to the {x}.", "Put it on the {x}.", "Now on the {x}.", "move it to the {x}",
+                      "Can you move it to the {x}?", "Shift it to the {x}.", "Place it on the {x}.", "put it on the {x} instead"),
+    "edit.direction": ("Now make it move {x}.", "Make it go {x} instead.", "Change the direction to {x}.", "now make it move {x}",
+                       "Can it move {x}?", "Have it slide {x}.", "Make it move {x}.", "make it go {x}"),
+    "edit.pitch": ("Make it {x}-pitched.", "Change the pitch to {x}.", "Now a {x} one.", "make it {x}-pitched",
+                   "Can you make it {x}-pitched?", "Same but {x}-pitched.", "Try a {x} pitch.", "now make it {x} pitched"),
+    "edit.pitch.up": ("Make it higher.", "Raise the pitch.", "A higher one, please.", "make it higher"),
+    "edit.pitch.down": ("Make it lower.", "Lower the pitch.", "A lower one, please.", "make it lower"),
+    "edit.timbre": ("Make it a {x} instead.", "Change it to a {x}.", "Now as a {x}.", "make it a {x}",
+                    "Can you make it a {x}?", "Same pitch but a {x}.", "Turn it into a {x}.", "make it a {x} instead"),
+    "edited": ("Here it is, now {d}: {c}.", "Done! Here is {c}.", "Sure, here is {c}.", "Here you go: {c}."),
+    # converting
+    "to.video": ("Now a video of it moving {x}.", "Animate it moving {x}.", "Make it move {x} in a video.", "now make a video of it going {x}",
+                 "Can you make a clip of it going {x}?", "Same but as a video, moving {x}.", "Turn it into a video moving {x}.", "animate it going {x}"),
+    "to.image": ("Show me a still picture of it.", "Draw it as a picture.", "Make an image of it.", "now just a picture of it",
+                 "Can I see a still image of it?", "Same but as a picture.", "Turn it into a picture.", "draw it as an image"),
+    "converted.video": ("Here is a video of it: {c}.", "Sure! Here is a clip of {c}.", "Here it is moving: {c}.", "Here you go: {c}."),
+    "converted.image": ("Here is a picture of it: {c}.", "Sure! Here is a still image of {c}.", "Here it is as a picture: {c}.", "Here you go: {c}."),
+    # referring to an earlier output (r = how it is named, x = the new colour)
+    "refer": ("Make the first {r} {x}.", "Go back to the first {r} and make it {x}.", "Take the first {r} and make it {x}.", "make the first {r} {x}",
+              "Can you redo the first {r} in {x}?", "The first {r}, but {x}, please.", "Change the first {r} to {x}.", "make the first {r} {x} instead"),
+    # several outputs in one message (a, b, c: the parts)
+    "multi.2": ("{a} and {b}.", "Can you {a} and {b}?", "Please {a}, and also {b}.", "{a} and {b}",
+                "I'd like you to {a} and then {b}.", "{a}, then {b}.", "Could you {a} and {b}?", "{a} and also {b} please"),
+    "multi.3": ("{a}, {b} and {c}.", "Can you {a}, {b} and {c}?", "Please {a}, then {b}, then {c}.", "{a}, {b} and {c}"),
+    "part.image": ("draw {c}", "make a picture of {c}", "show me {c}", "draw {c}"),
+    "part.audio": ("play {c}", "make {c}", "give me {c}", "play {c}"),
+    "part.video": ("make a video of {c}", "animate {c}", "make a clip of {c}", "animate {c}"),
+    "said.image": ("a picture of {c}", "an image of {c}", "{c}", "a picture of {c}"),
+    "said.audio": ("{c}", "the sound of {c}", "{c}", "{c}"),
+    "said.video": ("a video of {c}", "a clip of {c}", "an animation of {c}", "a video of {c}"),
+    "multi.made": ("Here is {parts}.", "Sure! Here is {parts}.", "I made {parts}.", "Here you go: {parts}."),
+    # questions
+    "ask.colour": ("What colour is it?", "Which colour is that?", "What color is it?", "what colour is it?"),
+    "ask.shape": ("What shape is it?", "Which shape is that?", "What shape did you draw?", "what shape is it?"),
+    "ask.direction": ("Which way does it move?", "What direction is it going?", "Where does it move?", "which way is it moving?"),
+    "ask.pitch": ("How high is the pitch?", "Is it high or low?", "What pitch is it?", "how high is it?"),
+    "ask.timbre": ("Is it a beep or a buzz?", "What kind of sound is it?", "Is that a beep or a buzz?", "beep or buzz?"),
+    "recall.colour": ("What colour was the first {r}?", "Which colour was the first {r}?", "What color was the first {r}?", "what colour was the first {r}?",
+                      "Remind me, what colour was the first {r}?", "What was the colour of the first {r}?", "The first {r} was which colour?", "what color was the first {r}"),
+    "recall.shape": ("What shape was the first {r}?", "Which shape did the first {r} have?", "What was the first {r}'s shape?", "what shape was the first {r}?"),
+    "recall.pitch": ("How high was the first sound?", "What pitch was the first sound?", "Was the first sound high or low?", "what pitch was the first sound?"),
+    "recall.direction": ("Which way did the first {r} move?", "What direction did the first {r} go?", "Where did the first {r} move?", "which way did the first {r} move?"),
+    "answer.colour": ("It is {x}.", "It's {x}.", "That one is {x}.", "It is {x}."),
+    "answer.shape": ("It is a {x}.", "It's a {x}.", "That is a {x}.", "It is a {x}."),
+    "answer.direction": ("It moves {x}.", "It is moving {x}.", "It goes {x}.", "It moves {x}."),
+    "answer.pitch": ("It is {x}-pitched.", "It's {x}-pitched.", "The pitch is {x}.", "It is {x}-pitched."),
+    "answer.timbre": ("It is a {x}.", "It's a {x}.", "That is a {x}.", "It is a {x}."),
+    "recalled.colour": ("The first {r} was {x}.", "It was {x}.", "The first one was {x}.", "It was {x}."),
+    "recalled.shape": ("The first {r} was a {x}.", "It was a {x}.", "The first one was a {x}.", "It was a {x}."),
+    "recalled.pitch": ("The first sound was {x}-pitched.", "It was {x}-pitched.", "The first one was {x}-pitched.", "It was {x}-pitched."),
+    "recalled.direction": ("The first {r} moved {x}.", "It moved {x}.", "The first one moved {x}.", "It moved {x}."),
+    # inputs
+    "describe.ask.image": ("What is in this picture?", "Describe this image.", "What do you see here?", "what's in this picture?",
+                           "Can you tell me what this image shows?", "What does this picture show?", "Look at this. What is it?", "describe this"),
+    "describe.ask.audio": ("What does this sound like?", "Describe this sound.", "Listen to this. What is it?", "what is this sound?",
+                           "What kind of sound is this?", "Can you describe what you hear?", "What do you hear?", "describe this sound"),
+    "describe.ask.video": ("What happens in this video?", "Describe this clip.", "What is moving in this video?", "what's in this video?",
+                           "Can you tell me what this video shows?", "What do you see in this clip?", "Watch this. What happens?", "describe this clip"),
+    "described.image": ("It shows {c}.", "This is {c}.", "I see {c}.", "It shows {c}."),
+    "described.audio": ("It is {c}.", "This sounds like {c}.", "That is {c}.", "It is {c}."),
+    "described.video": ("It shows {c}.", "The clip shows {c}.", "I see {c}.", "It shows {c}."),
+    "attach.colour": ("Draw this shape in {x}.", "Make a {x} version of this.", "Can you draw the same shape in {x}?", "draw this shape in {x}",
+                      "Draw this again but {x}.", "Make this {x}.", "Redraw it in {x}.", "same shape but {x} please"),
+    "attach.video": ("Animate this moving {x}.", "Make a video of this shape going {x}.", "Can you make this move {x}?", "animate this going {x}"),
+    "attach.pitch": ("Make this sound {x}-pitched.", "Play this at a {x} pitch.", "Can you make a {x}-pitched version of this?", "make this {x}-pitched"),
+    "chat": ("Hello!", "Hi there.", "What can you do?", "hi! how are you?", "Thanks!", "Who are you?", "Good job.", "hello",
+             "How are you?", "Thank you, that is great.", "Nice.", "hey", "Can you explain what a square is?", "Cool, thanks.",
+             "Are you a robot?", "good morning"),
+}
+CHAT_REPLY = {
+    "Hello!": "Hello! I can describe pictures, sounds and videos of simple shapes, and make new ones.",
+    "Hi there.": "Hi! Give me an image, a sound or a video, or ask me to create one.",
+    "What can you do?": "I can tell you what is in an image, a sound or a video, and I can draw shapes, make beeps and buzzes, and animate moving shapes.",
+    "hi! how are you?": "I'm doing well, thanks! What would you like me to make?",
+    "Thanks!": "You're welcome.",
+    "Who are you?": "I am a small assistant that understands and creates images, sounds and videos of coloured shapes.",
+    "Good job.": "Thank you!",
+    "hello": "Hello! What would you like to see or hear?",
+    "How are you?": "I'm fine, thank you. What can I make for you?",
+    "Thank you, that is great.": "Glad you like it!",
+    "Nice.": "Thanks!",
+    "hey": "Hey! Ask me for a picture, a sound or a video.",
+    "Can you explain what a square is?": "A square is a shape with four equal sides and four right angles.",
+    "Cool, thanks.": "You're welcome!",
+    "Are you a robot?": "I am an AI assistant. I can see, hear, draw, animate and make sounds.",
+    "good morning": "Good morning! What shall I make today?",
+}
+CREATE_KEYS = {  # which attributes a create request names (colour+shape / pitch+timbre / +direction always)
+    "image": (("colour", "shape"), ("size", "colour", "shape"), ("colour", "shape", "position"), ("size", "colour", "shape", "position")),
+    "audio": (("pitch", "timbre"),),
+    "video": (("colour", "shape", "direction"),),
+}
+PITCH_ORDER = ("low", "mid", "high")
+
+
+def mention(spec: Spec, keys) -> str:
+    """The words naming `spec` by the attributes in `keys`: "a large blue circle on the left"."""
+    a = spec.attributes()
+    if isinstance(spec, ImageSpec):
+        size = f"{a['size']} " if "size" in keys else ""
+        pos = f" on the {a['position']}" if "position" in keys else ""
+        return fill("a {s}{colour} {shape}{p}".replace("{s}", size).replace("{p}", pos), a)
+    if isinstance(spec, AudioSpec):
+        return fill("a {pitch}-pitched {timbre}", a)
+    return fill("a {colour} {shape} moving {direction}", a)
+
+
+@dataclass
+class Item:
+    """Something the conversation has shown: an input or an output, and the attributes it named."""
+
+    spec: Spec
+    keys: tuple[str, ...]
+    output: bool
+
+    @property
+    def words(self) -> str:
+        return mention(self.spec, self.keys)
+
+
+@dataclass
+class Writer:
+    """Samples wordings (train / eval pools) and user habits."""
+
+    rng: np.random.Generator
+    wording: str = "train"
+    turns: list[dict[str, Any]] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
+
+    def pick(self, options):
+        options = list(options)
+        return options[int(self.rng.integers(len(options)))]
+
+    def say(self, intent: str, user: bool = True, **kw) -> str:
+        pool = W[intent]
+        if user:
+            held = [t for i, t in enumerate(pool) if i % 4 == 3]
+            pool = held if self.wording == "eval" else [t for i, t in enumerate(pool) if i % 4 != 3]
+        text = self.pick(pool).format(**kw)
+        text = text[0].upper() + text[1:] if not user else text
+        if user and self.rng.random() < 0.25:  # users' habits
+            text = text.rstrip(".") if self.rng.random() < 0.5 else text.lower()
+        return text
+
+    def other(self, options, current):
+        return self.pick([o for o in options if o != current])
+
+    # ---------------------------------------------------------------- exchanges
+    def exchange(self, kind: str, human: str, gpt: str, *, inputs=(), outputs=(), captions=(), extra=None) -> None:
+        h: dict[str, Any] = {"from": "human", "value": human, "kind": kind}
+        if inputs:
+            h["inputs"] = list(inputs)
+        g: dict[str, Any] = {"from": "gpt", "value": gpt, "kind": kind}
+        if outputs:
+            g["outputs"], g["captions"] = list(outputs), list(captions)
+        if extra:
+            g.update(extra)
+        self.turns += [h, g]
+
+    def create(self, modality: str | None = None, kind: str = "create") -> Item:
+        m = modality or self.pick(("image", "audio", "video"))
+        spec = sample_spec(m, self.rng)
+        item = Item(spec, self.pick(CREATE_KEYS[m]), True)
+        c = item.words
+        self.exchange(kind, self.say(f"create.{m}", c=c), self.say(f"made.{m}", user=False, c=c), outputs=[spec], captions=[c])
+        self.items.append(item)
+        return item
+
+    def describe(self, modality: str | None = None) -> Item:
+        m = modality or self.pick(("image", "audio", "video"))
+        spec = sample_spec(m, self.rng)
+        item = Item(spec, _all_keys(spec), False)
+        self.exchange("describe", self.say(f"describe.ask.{m}"), self.say(f"described.{m}", user=False, c=item.words), inputs=[spec])
+        self.items.append(item)
+        return item
+
+    def chat(self) -> None:
+        q = self.say("chat")
+        key = next((k for k in CHAT_REPLY if k.lower().rstrip(".!?") == q.lower().rstrip(".!?")), None)
+        self.exchange("chat", q, CHAT_REPLY[key])
+
+    def edit(self, item: Item | None = None, refer: str | None = None) -> Item:
+        """Change one attribute of `item` (default: the last output) into a new output."""
+        item = item or self.last_output()
+        spec, keys = item.spec, item.keys
+        if isinstance(spec, ImageSpec):
+            what = self.pick(("colour", "colour", "shape", "shape", "size", "position"))
+        elif isinstance(spec, VideoSpec):
+            what = self.pick(("colour", "shape", "direction", "direction"))
+        else:
+            what = self.pick(("pitch", "pitch", "timbre"))
+        if refer is not None:
+            what = "colour"
+        values = {"colour": tuple(COLOURS), "shape": SHAPES, "size": tuple(SIZES), "position": POSITIONS,
+                  "direction": DIRECTIONS, "pitch": tuple(PITCHES), "timbre": TIMBRES}[what]  # fmt: skip
+        x = self.other(values, getattr(spec, what))
+        new = replace(spec, **{what: x})
+        new_keys = keys if what in keys else tuple(k for k in ("size", "colour", "shape", "position") if k in keys or k == what)
+        if refer is not None:
+            request = self.say("refer", r=refer, x=x)
+        elif what == "size":
+            request = self.say(f"edit.size.{x}")
+        elif what == "pitch" and self.rng.random() < 0.4 and abs(PITCH_ORDER.index(x) - PITCH_ORDER.index(spec.pitch)) == 1:
+            request = self.say("edit.pitch.up" if PITCH_ORDER.index(x) > PITCH_ORDER.index(spec.pitch) else "edit.pitch.down")
+        else:
+            request = self.say(f"edit.{what}", x=x)
+        out = Item(new, new_keys, True)
+        d = {"colour": x, "shape": f"a {x}", "size": x, "position": f"on the {x}", "direction": f"moving {x}",
+             "pitch": f"{x}-pitched", "timbre": f"a {x}"}[what]  # fmt: skip
+        self.exchange("refer" if refer else "edit", request, self.say("edited", user=False, d=d, c=out.words),
+                      outputs=[new], captions=[out.words])  # fmt: skip
+        self.items.append(out)
+        return out
+
+    def convert(self) -> Item:
+        item = self.last_visual()
+        spec = item.spec
+        if isinstance(spec, ImageSpec):
+            d = self.pick(DIRECTIONS)
+            new, keys, request = VideoSpec(spec.shape, spec.colour, d), ("colour", "shape", "direction"), self.say("to.video", x=d)
+        else:
+            new, keys, request = ImageSpec(spec.shape, spec.colour, "large", "center"), ("colour", "shape"), self.say("to.image")
+        out = Item(new, keys, True)
+        self.exchange("convert", request, self.say(f"converted.{new.modality}", user=False, c=out.words), outputs=[new], captions=[out.words])
+        self.items.append(out)
+        return out
+
+    def multi(self, k: int | None = None) -> list[Item]:
+        k = k or (2 if self.rng.random() < 0.8 else 3)
+        modalities = list(self.rng.permutation(["image", "audio", "video"])[:k])
+        if k == 2 and self.rng.random() < 0.15:  # two of the same kind: "draw a red circle and a blue square"
+            modalities[1] = modalities[0]
+        items = []
+        for m in modalities:
+            spec = sample_spec(m, self.rng)
+            items.append(Item(spec, self.pick(CREATE_KEYS[m]), True))
+        parts = [self.say(f"part.{it.spec.modality}", c=it.words) for it in items]
+        request = self.say(f"multi.{k}", a=parts[0], b=parts[1], c=parts[2] if k == 3 else "")
+        request = request[0].upper() + request[1:] if self.rng.random() < 0.7 else request
+        said = [self.say(f"said.{it.spec.modality}", user=False, c=it.words) for it in items]
+        said = [x[0].lower() + x[1:] for x in said]
+        joined = said[0] + " and " + said[1] if k == 2 else f"{said[0]}, {said[1]} and {said[2]}"
+        self.exchange("multi", request, self.say("multi.made", user=False, parts=joined),
+                      outputs=[it.spec for it in items], captions=[it.words for it in items])  # fmt: skip
+        self.items += items
+        return items
+
+    def ask(self) -> None:
+        item = self.last_output()
+        key = self.pick({"image": ("colour", "shape"), "video": ("colour", "direction"), "audio": ("pitch", "timbre")}[item.spec.modality])
+        x = getattr(item.spec, key)
+        self.exchange("ask", self.say(f"ask.{key}"), self.say(f"answer.{key}", user=False, x=x), extra={"answer": {key: x}})
+
+    def recall(self) -> bool:
+        """A question about the FIRST item of a kind named in the conversation; False when there is none."""
+        kinds = {}
+        for it in self.items:
+            r = _referent(it)
+            kinds.setdefault(r, it)
+        if not kinds:
+            return False
+        r, item = self.pick(list(kinds.items()))
+        key = self.pick({"image": ("colour", "shape"), "video": ("colour", "direction"), "audio": ("pitch",)}[item.spec.modality])
+        if key == "shape":
+            r = NOUN["image"]
+        x = getattr(item.spec, key)
+        self.exchange("recall", self.say(f"recall.{key}", r=r), self.say(f"recalled.{key}", user=False, r=r, x=x), extra={"answer": {key: x}})
+        return True
+
+    def refer(self) -> Item | None:
+        """Edit the first output of a kind when a later output exists (else None)."""
+        outs = [it for it in self.items if it.output and it.spec.modality != "audio"]
+        if len(outs) < 2:
+            return None
+        first = outs[0]
+        return self.edit(first, refer=_referent(first))
+
+    def attach(self) -> Item:
+        m = self.pick(("image", "image", "video", "audio"))
+        spec = sample_spec(m, self.rng)
+        if m == "image" and self.rng.random() < 0.7:
+            x = self.other(tuple(COLOURS), spec.colour)
+            new, keys, request = ImageSpec(spec.shape, x, spec.size, spec.position), ("colour", "shape"), self.say("attach.colour", x=x)
+        elif m in ("image", "video"):
+            d = self.pick(DIRECTIONS)
+            new, keys, request = VideoSpec(spec.shape, spec.colour, d), ("colour", "shape", "direction"), self.say("attach.video", x=d)
+        else:
+            x = self.other(tuple(PITCHES), spec.pitch)
+            new, keys, request = replace(spec, pitch=x), ("pitch", "timbre"), self.say("attach.pitch", x=x)
+        out = Item(new, keys, True)
+        self.items.append(Item(spec, _all_keys(spec), False))
+        self.exchange("attach", request, self.say(f"made.{new.modality}", user=False, c=out.words), inputs=[spec], outputs=[new], captions=[out.words])
+        self.items.append(out)
+        return out
+
+    # ---------------------------------------------------------------- state
+    def last_output(self) -> Item:
+        return next(it for it in reversed(self.items) if it.output)
+
+    def last_visual(self) -> Item:
+        return next(it for it in reversed(self.items) if it.output and it.spec.modality != "audio")
+
+
+def _all_keys(spec: Spec) -> tuple[str, ...]:
+    return tuple(k for k in spec.attributes() if isinstance(spec.attributes()[k], str))
+
+
+def _referent(item: Item) -> str:
+    """How a user names an earlier item: its shape ("circle") or "sound"."""
+    return "sound" if isinstance(item.spec, AudioSpec) else item.spec.shape
+
+
+# ------------------------------------------------------------------------------------ scenarios
+
+
+def _setup(w: Writer, scenario: str) -> None:
+    """The context exchanges a scenario needs, with a few others around them."""
+    needs_output = scenario in ("edit", "ask")
+    needs_visual = scenario == "convert"
+    for _ in range(int(w.rng.integers(0, 3))):  # unrelated context first, sometimes
+        r = w.rng.random()
+        if r < 0.35:
+            w.chat()
+        elif r < 0.65:
+            w.create()
+        elif r < 0.85:
+            w.describe()
+        elif w.items and any(it.output for it in w.items):
+            w.edit()
+        else:
+            w.chat()
+    if scenario == "refer":
+        m = w.pick(("image", "video"))
+        w.create(m)
+        for _ in range(int(w.rng.integers(1, 3))):
+            w.edit() if w.rng.random() < 0.7 else w.create(m)
+    elif scenario == "recall":
+        if not w.items or w.rng.random() < 0.7:
+            w.create()
+        for _ in range(int(w.rng.integers(1, 3))):
+            w.edit() if w.rng.random() < 0.6 else w.chat()
+    elif scenario == "chat-create":
+        for _ in range(int(w.rng.integers(1, 3))):
+            w.chat()
+    elif needs_visual:
+        if not any(it.output and it.spec.modality != "audio" for it in w.items) or w.rng.random() < 0.5:
+            w.create(w.pick(("image", "video")))
+    elif needs_output:
+        if not any(it.output for it in w.items) or w.rng.random() < 0.5:
+            w.create()
+
+
+def _scenario(w: Writer, scenario: str) -> None:
+    if scenario == "edit":
+        w.edit()
+    elif scenario == "convert":
+        w.convert()
+    elif scenario == "refer":
+        if w.refer() is None:
+            raise AssertionError("refer set-up made no second output")
+    elif scenario == "multi":
+        w.multi()
+    elif scenario == "chat-create":
+        w.create(kind="chat-create")
+    elif scenario == "recall":
+        w.recall()
+    elif scenario == "ask":
+        w.ask()
+    elif scenario == "attach":
+        w.attach()
+    else:
+        raise ValueError(f"unknown scenario {scenario!r}; expected one of {', '.join(SCENARIOS)}")
+
+
+def sample_conversation(rng: np.random.Generator, scenario: str, wording: str = "train", follow: bool = False) -> list[dict[str, Any]]:
+    """One conversation ending with `scenario`'s exchange (`follow`: one more ordinary exchange after it)."""
+    w = Writer(rng, wording)
+    _setup(w, scenario)
+    _scenario(w, scenario)
+    if follow:
+        r = rng.random()
+        w.edit() if r < 0.4 else w.chat() if r < 0.7 else w.create()
+    return w.turns
+
+
+def sample_conversations(n: int, seed: int, *, wording: str = "train") -> list[list[dict[str, Any]]]:
+    """n training conversations, every scenario equally often; a third go on for one more exchange."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _STREAM[wording]]))
+    return [sample_conversation(rng, SCENARIOS[i % len(SCENARIOS)], wording, follow=rng.random() < 0.33) for i in range(int(n))]
+
+
+def sample_scenarios(scenario: str, n: int, seed: int, *, wording: str = "eval") -> list[list[dict[str, Any]]]:
+    """n conversations ending with `scenario` (the evaluation scores the last exchange)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _STREAM[wording], SCENARIOS.index(scenario)]))
+    return [sample_conversation(rng, scenario, wording) for _ in range(int(n))]
