@@ -77,3 +77,114 @@ def test_decoders_as_langchain_tools(tiny_assistant):
     assert again == msg.content  # same seed, same file
     audio = tools["generate_audio"].invoke({"type": "tool_call", "id": "2", "name": "generate_audio", "args": {"prompt": "a high beep", "seed": 2}})
     assert audio.artifact[0]["mime"] == "audio/wav"
+
+
+# ---- the standard parameters and streaming ------------------------------------------------------
+
+
+@pytest.fixture
+def plain(tiny_assistant, one_torch_thread):
+    from assistant.langchain import NextGPTChatModel
+
+    return NextGPTChatModel(assistant=tiny_assistant, seed=5, max_tokens=24)  # seed 5: 16 chunks of (random) text
+
+
+def test_stream_yields_text_deltas_then_media_on_the_last_chunk(plain):
+    chunks = list(plain.stream("draw something", want=["image"]))
+    texts = [c for c in chunks if isinstance(c.content, str) and c.content]
+    assert len(texts) > 1  # really streamed, token by token
+    last = chunks[-1]
+    assert last.chunk_position == "last" and [b["type"] for b in last.content] == ["image"]
+    assert all(c.usage_metadata is None for c in chunks[:-1])
+    full = chunks[0]
+    for c in chunks[1:]:
+        full = full + c
+    invoked = plain.invoke("draw something", want=["image"])
+    assert full.text == invoked.text  # the same reply, streamed or not
+    assert full.usage_metadata == invoked.usage_metadata
+    assert invoked.usage_metadata["output_tokens"] >= 4  # the 4 image signal tokens count
+
+
+def test_max_tokens_stop_and_temperature_are_honoured(plain):
+    long = plain.invoke("hello", max_tokens=24)
+    short = plain.invoke("hello", max_tokens=3)
+    assert short.usage_metadata["output_tokens"] == 3 < long.usage_metadata["output_tokens"]
+    assert short.response_metadata["finish_reason"] == "length"
+    word = long.text[6:8]
+    cut = plain.invoke("hello", max_tokens=24, stop=[word])
+    assert cut.text == long.text[: long.text.find(word)].rstrip() and word not in cut.text
+    assert cut.response_metadata["finish_reason"] == "stop"
+    streamed = "".join(c.text for c in plain.stream("hello", max_tokens=24, stop=[word]))
+    assert streamed.strip() == cut.text
+    # temperature 0 is greedy: the seed no longer matters; at 1.0 it does
+    greedy = {plain.invoke("hello", temperature=0, seed=s).text for s in (1, 2, 3)}
+    sampled = {plain.invoke("hello", temperature=1.0, seed=s).text for s in (1, 2, 3)}
+    assert len(greedy) == 1 and len(sampled) > 1
+
+
+def test_timeout_and_unknown_parameters_are_errors(plain):
+    from assistant.agent import TimedOut
+
+    with pytest.raises(TimeoutError, match="timeout=1e-06"):
+        plain.invoke("hello", timeout=1e-6)
+    with pytest.raises(TimedOut):
+        list(plain.stream("hello", timeout=1e-6))
+    with pytest.raises(ValueError, match="unsupported parameter.*frequency_penalty"):
+        plain.invoke("hello", frequency_penalty=1)
+    with pytest.raises(ValueError, match="serves profile 'tiny', not 'gpt-4o'"):
+        plain.invoke("hello", model="gpt-4o")
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="api_key"):
+        type(plain)(assistant=plain.assistant, api_key="x")
+    with pytest.raises(ValidationError, match="max_retries"):
+        type(plain)(assistant=plain.assistant, max_retries=-1)
+
+
+def test_max_retries_tries_again_after_running_out_of_memory(tiny_assistant, settings):
+    import torch
+
+    from assistant.agent import Assistant
+    from assistant.langchain import NextGPTChatModel
+
+    class RunsOutOnce(Assistant):  # the one failure that cannot be produced for real here
+        failures = 1
+
+        def respond(self, *a, **kw):
+            if self.failures:
+                self.failures -= 1
+                raise torch.OutOfMemoryError("CUDA out of memory (test)")
+            return super().respond(*a, **kw)
+
+    flaky = RunsOutOnce(settings, "tiny", output_dir=tiny_assistant.output_dir)
+    flaky._model = tiny_assistant.model
+    with pytest.raises(torch.OutOfMemoryError):
+        NextGPTChatModel(assistant=flaky, seed=1, max_tokens=3).invoke("hello")
+    flaky.failures = 1
+    assert NextGPTChatModel(assistant=flaky, seed=1, max_tokens=3, max_retries=1).invoke("hello").text
+
+
+def test_closing_a_stream_early_ends_generation(plain):
+    stream = plain.stream("hello", max_tokens=200)
+    next(stream)
+    stream.close()  # returns once the worker has stopped, at the next token
+    assert plain.assistant.lock.acquire(blocking=False)
+    plain.assistant.lock.release()
+
+
+def test_interleaved_parts_keep_their_order_and_unknown_blocks_are_refused(media_files, tmp_path):
+    from assistant.langchain import to_messages
+
+    red, beep = media_files["red.png"].as_uri(), media_files["beep.wav"].as_uri()
+    one = to_messages(HumanMessage(content=[{"type": "text", "text": "what is"}, {"type": "image", "url": red}]), tmp_path)
+    assert [(m.text, [x.modality for x in m.media]) for m in one] == [("what is", ["image"])]  # the model's own layout
+    mixed = HumanMessage(content=[
+        {"type": "text", "text": "compare"}, {"type": "image", "url": red},
+        {"type": "text", "text": "with"}, {"type": "audio", "url": beep}, {"type": "image", "url": red},
+    ])
+    out = to_messages(mixed, tmp_path)
+    assert [(m.text, [x.modality for x in m.media]) for m in out] == [("compare", []), ("with", ["image"]), ("", ["audio", "image"])]
+    with pytest.raises(ValueError, match="unsupported content block type 'reasoning'"):
+        to_messages(HumanMessage(content=[{"type": "reasoning", "reasoning": "hmm"}]), tmp_path)
+    with pytest.raises(ValueError, match="unsupported content block type 'file'"):
+        to_messages(HumanMessage(content=[{"type": "file", "base64": "eA==", "mime_type": "application/pdf"}]), tmp_path)
