@@ -33,6 +33,7 @@ from pathlib import Path
 from prompt_toolkit.completion import Completer
 
 from bots.render import describe, image_preview, preview_mode, printable
+from nextgpt.limits import check_chat_message, parse_seed
 
 log = logging.getLogger(__name__)
 
@@ -535,6 +536,10 @@ class ChatUI:
         if not self.ensure_model():
             self.want = want or self.want
             return None
+        try:  # before `send`, which saves the message: a refused one leaves nothing behind
+            check_chat_message(self.chat, text)
+        except ValueError as e:
+            return self.error(e)
         return self._run_turn(lambda view: self.chat.send(
             text, want=want, on_text=view.on_text if self.stream else None, on_progress=view.on_progress,
         ))
@@ -681,7 +686,7 @@ class ChatUI:
         if len(arg.split()) != 1:
             return self.usage("seed")
         try:
-            self.chat.settings.set("seed", arg)
+            self.chat.settings.set("seed", str(parse_seed(arg)) if arg.lower() not in ("default", "none", "auto") else arg)
         except ValueError as e:
             return self.hint(f"{_one_line(e)} — usage: {COMMANDS['seed'][0]}")
         self.say(f"seed set to {self.chat.settings.seed if self.chat.settings.seed is not None else 'default'}", "green")
@@ -705,6 +710,8 @@ class ChatUI:
             return self.hint(f"usage: /set KEY VALUE (keys: {', '.join(self.setting_names())}; VALUE `default` resets)")
         key, value = parts[0], parts[1].strip()
         try:
+            if key == "seed" and value.lower() not in ("default", "none", "auto"):
+                value = str(parse_seed(value))
             self.chat.settings.set(key, value)
         except ValueError as e:
             return self.hint(f"{_one_line(e)} — usage: /set KEY VALUE")

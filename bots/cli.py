@@ -39,10 +39,28 @@ def _describe(m) -> str:
     return f"audio: {m.path} ({m.duration:.2f} s)"
 
 
+def _seed(text: str) -> int:
+    from nextgpt.limits import parse_seed
+
+    try:
+        return parse_seed(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_ask(args) -> int:
+    from nextgpt.limits import check_message, check_text
     from nextgpt.media import AttachmentError, validate_attachment
 
+    try:  # an argv with invalid UTF-8 arrives with lone surrogates: refused before anything is saved
+        check_text(args.prompt, "the prompt")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     settings = _settings(args)
+    from nextgpt.limits import MAX_ATTACHMENTS
+
+    if len(args.attach) > MAX_ATTACHMENTS:  # counted before any file is read
+        raise UserError(f"too many attachments ({len(args.attach)}, limit max_attachments = {MAX_ATTACHMENTS})")
     attachments = []
     for f in args.attach:  # every attachment is checked before the model is loaded
         try:
@@ -55,8 +73,15 @@ def cmd_ask(args) -> int:
     from assistant.agent import Assistant
 
     assistant = Assistant(settings, args.profile, output_dir=args.out)
+    from bots.render import printable
+
     stream = not args.json and not args.no_stream
-    on_text = (lambda t: (sys.stdout.write(t), sys.stdout.flush())) if stream else None
+    on_text = (lambda t: (sys.stdout.write(printable(t)), sys.stdout.flush())) if stream else None
+    try:  # before a session is made: a refused message leaves nothing behind
+        check_message(assistant.model.tokenizer, args.prompt, len(attachments),
+                      max_new_tokens=assistant.profile.generation.max_new_tokens)  # fmt: skip
+    except ValueError as e:  # over a budget (prompt tokens, attachments)
+        raise UserError(str(e)) from None
     if args.no_log:
         from nextgpt.model import MediaInput, Message
 
@@ -83,7 +108,7 @@ def cmd_ask(args) -> int:
         }, ensure_ascii=False))
     else:
         if not stream:
-            print(reply.text, end="")
+            print(printable(reply.text), end="")
         print()
         for m in reply.media:
             print(_describe(m))
@@ -362,7 +387,10 @@ def cmd_export(args) -> int:
     settings = _settings(args)
     memory = _memory(settings)
     session = _session_or_error(memory, args.session)
-    out = export_session(memory, session.id, args.format, args.output)
+    try:
+        out = export_session(memory, session.id, args.format, args.output)
+    except OSError as e:  # unwritable place, a file where a folder should be, disk full
+        raise UserError(f"cannot write the export: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from None
     print(f"wrote {out}")
     return 0
 
@@ -383,7 +411,10 @@ def cmd_replay(args) -> int:
     memory = _memory(settings)
     session = _session_or_error(memory, args.session)
     if args.rerun:
-        return rerun(settings, memory, session.id, profile=args.profile)
+        try:
+            return rerun(settings, memory, session.id, profile=args.profile)
+        except ValueError as e:  # an input blob gone, a message over a budget
+            raise UserError(str(e)) from None
     return replay(memory, session.id)
 
 
@@ -436,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("prompt", help="what to ask")
     ask.add_argument("-a", "--attach", action="append", default=[], metavar="FILE", help="image/audio/video file (repeatable)")
     ask.add_argument("--want", action="append", default=[], choices=MODALITY_CHOICES, help="force this modality in the reply (repeatable)")
-    ask.add_argument("--seed", type=int, help="seed for text sampling and media (same seed → identical files)")
+    ask.add_argument("--seed", type=_seed, help="seed for text sampling and media (same seed → identical files)")
     ask.add_argument("--out", type=Path, help="folder for generated media (default: the data dir's outputs/)")
     ask.add_argument("--json", action="store_true", help='print one JSON object {"text", "media": [...]}')
     ask.add_argument("--no-stream", action="store_true", help="print the text when it is complete")

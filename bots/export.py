@@ -11,17 +11,25 @@ FORMATS = ("md", "html", "json")
 
 
 def export_session(memory, session_id: str, fmt: str = "md", out: Path | None = None) -> Path:
-    """Write the export; `out` defaults to `session-<id>.<fmt>` in the current folder."""
+    """Write the export; `out` defaults to `session-<id>.<fmt>` in the current folder, and an existing
+    folder as `out` gets that file inside it. Written atomically: a failure leaves no partial file."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     data = memory.export(session_id)
     sid = data["session"]["id"]
-    out = Path(out) if out else Path.cwd() / f"session-{sid}.{fmt}"
+    name = f"session-{sid}.{fmt}"
+    out = Path(out) if out else Path.cwd() / name
+    if out.is_dir():
+        out = out / name
     render = {"md": to_markdown, "html": to_html, "json": lambda d: json.dumps(d, indent=2, ensure_ascii=False)}[fmt]
+    text = render(data)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render(data), encoding="utf-8")
-    tmp.replace(out)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -64,6 +64,13 @@ def rerun(settings, memory, session_id: str, *, profile: str | None = None, cons
     console = console or Console()
     session = memory.get_session(session_id)
     turns = memory.turns(session.id)
+    missing = [(t.index, m) for t in turns if t.role == "user" for m in t.media_in if not Path(m.path).is_file()]
+    if missing:  # checked before anything runs
+        index, m = missing[0]
+        raise ValueError(
+            f"turn {index}'s {m.modality} input ({m.sha256[:12]}) is missing from the blob store, so the session "
+            f"cannot be re-run ({len(missing)} input(s) missing; `nextgpt doctor --repair` lists damaged sessions)"
+        )
     table = Table("turn", "text", "media", "difference")
     identical = True
     with tempfile.TemporaryDirectory(prefix="nextgpt-rerun-") as tmp:

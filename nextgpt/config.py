@@ -92,7 +92,7 @@ class GenerationConfig(_Strict):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
-    seed: int | None = 0
+    seed: int | None = Field(0, ge=0, le=2**63 - 1)
 
 
 class Profile(_Strict):

@@ -23,6 +23,7 @@ from transformers.cache_utils import DynamicLayer
 from nextgpt import escape, templates
 from nextgpt.config import Profile
 from nextgpt.devices import resolve
+from nextgpt.limits import BudgetExceeded
 from nextgpt.llm import load_llm
 from nextgpt.projectors import InputProjection, OutputProjector
 from nextgpt.tokens import MEDIA_END, MEDIA_START, MODALITIES
@@ -245,6 +246,10 @@ class NextGPT(nn.Module):
         pairs = zip(keys, keys[1:])  # on Python ints: indexing the tensor one element at a time cost ms per turn
         slots = [i + 1 for i, pair in enumerate(pairs) if pair == (self.media_start_id, self.media_end_id)]
         if len(slots) != len(media):  # the template writes one slot per item; text can no longer add any
+        limit = getattr(self.llm.config.get_text_config(), "max_position_embeddings", None)
+        if limit and len(keys) + len(media) > limit:  # refused before the prefill, the expensive step
+            raise BudgetExceeded(f"prompt too long ({len(keys) + len(media)} tokens, limit max_prompt_tokens = {limit}, "
+                                 "the model's max_position_embeddings)")  # fmt: skip
             raise ValueError(f"prompt has {len(slots)} media slots for {len(media)} media items")
         token_embeds = embed(ids.to(self.device))
         if not media:

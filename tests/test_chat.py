@@ -216,7 +216,10 @@ def ui(tmp_path):
     from memory import Memory
 
     memory = Memory.open(data_dir=tmp_path / "data")
-    assistant = SimpleNamespace(profile_name="tiny", profile=None)
+    assistant = SimpleNamespace(  # a message is checked against the token budget before it is sent
+        profile_name="tiny", profile=SimpleNamespace(generation=SimpleNamespace(max_new_tokens=24)),
+        model=SimpleNamespace(tokenizer=lambda text, **kw: {"input_ids": text.split()}),
+    )
     session = memory.create_session(None, "tiny")
     chat = Chat(assistant, memory, session)
     out = io.StringIO()

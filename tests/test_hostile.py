@@ -184,3 +184,114 @@ def test_resume_does_not_execute_a_planted_pickle(settings, cache_dir, tmp_path,
     with pytest.raises(TrainError, match="refusing to load"):
         run(resume="latest")
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------ 5. unchecked values
+
+
+def _sessions(capsys):
+    capsys.readouterr()
+    assert main(["sessions", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_seed_bounds():
+    from nextgpt.limits import SEED_MAX, parse_seed
+
+    assert parse_seed("0") == 0 and parse_seed(str(SEED_MAX)) == SEED_MAX
+    for bad in ("-1", str(SEED_MAX + 1), "9" * 200, "1.5", "seven", ""):
+        with pytest.raises(ValueError, match="seed must be"):
+            parse_seed(bad)
+
+
+def test_huge_seed_is_a_usage_error_and_saves_nothing(data_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["ask", "-p", "tiny", "--seed", "99999999999999999999999", "hi"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "seed must be between 0 and" in err[-1]
+    assert _sessions(capsys) == []
+
+
+@pytest.mark.slow
+def test_largest_seed_reaches_both_decoders(data_dir, capsys):
+    from nextgpt.limits import SEED_MAX
+
+    assert main(["ask", "-p", "tiny", "--json", "--seed", str(SEED_MAX), "--want", "image", "--want", "audio", "x"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["errors"] == [] and sorted(m["modality"] for m in out["media"]) == ["audio", "image"]
+
+
+def test_invalid_utf8_argv_is_one_line_and_leaves_no_session(tmp_path):
+    env = dict(os.environ, NEXTGPT_DATA=str(tmp_path / "data"))
+    r = subprocess.run([sys.executable, "-m", "bots.cli", "ask", "-p", "tiny", b"caf\xe9 \xff"], cwd=ROOT, env=env,
+                       capture_output=True)  # fmt: skip
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "not valid UTF-8" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "data").exists() or not list((tmp_path / "data").rglob("*.sqlite*")) or _no_turns(tmp_path / "data")
+
+
+def _no_turns(data):
+    from memory import Memory
+
+    with Memory.open(data_dir=data) as m:
+        return not m.list_sessions()
+
+
+def _saved_session(memory, media_files):
+    from memory import MediaIn
+
+    s = memory.create_session("t", "tiny")
+    memory.add_turn(s.id, "user", "look", media=[MediaIn(path=media_files["red.png"], direction="in", modality="image", mime="image/png")])
+    memory.add_turn(s.id, "assistant", "a red square")
+    return s
+
+
+def test_export_into_an_existing_folder(memory, media_files, tmp_path, capsys):
+    s = _saved_session(memory, media_files)
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    assert main(["export", s.id, "-o", str(folder)]) == 0
+    assert [p.name for p in folder.iterdir()] == [f"session-{s.id}.md"]
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["export", s.id, "-o", str(blocker / "out.md")]) == 2  # a file where a folder should be
+    assert "cannot write the export" in capsys.readouterr().err
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_rerun_with_a_missing_input_blob_is_one_line(memory, media_files, capsys):
+    s = _saved_session(memory, media_files)
+    Path(memory.turns(s.id)[0].media_in[0].path).unlink()
+    assert main(["replay", s.id, "--rerun", "-p", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "missing from the blob store" in err and len(err.strip().splitlines()) == 1
+
+
+def test_huge_prompt_is_refused_before_anything_is_saved(data_dir, capsys):
+    assert main(["ask", "-p", "tiny", "word " * 20_000]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("nextgpt: error: message too long")
+    assert "max_prompt_tokens" in err and _sessions(capsys) == []
+
+
+def test_huge_message_in_discord_saves_nothing_and_the_session_goes_on(tiny_assistant, memory):
+    from bots.discord.engine import Engine
+    from nextgpt.limits import BudgetExceeded
+
+    engine = Engine(tiny_assistant, memory)
+    s = engine.new_session(None)
+    with pytest.raises(BudgetExceeded, match="max_prompt_tokens"):
+        engine.turn(None, s.id, text="word " * 20_000)
+    assert memory.turns(s.id) == []
+    assert engine.turn(None, s.id, text="short").text is not None
+    assert [t.role for t in memory.turns(s.id)] == ["user", "assistant"]
+
+
+def test_prompt_over_the_model_positions_is_refused_before_the_prefill(tiny_model):
+    from nextgpt.limits import BudgetExceeded
+
+    limit = tiny_model.llm.config.get_text_config().max_position_embeddings
+    with pytest.raises(BudgetExceeded, match="max_position_embeddings"):
+        tiny_model.build_inputs([Message("user", "a " * (limit + 10))])

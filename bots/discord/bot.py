@@ -38,6 +38,7 @@ from bots.discord.engine import SETTING_NAMES, Engine, TurnResult
 from bots.discord.media import Fitted, fit_media, human_size
 from bots.discord.queue import FairQueue, Job, JobCancelled, QueueRejected, Worker
 from bots.discord.store import Store
+from nextgpt.limits import parse_seed
 
 log = logging.getLogger(__name__)
 
@@ -801,6 +802,8 @@ class NextGPTBot(discord.Client):
             return await self._ephemeral(interaction, f"**Server defaults**\n{shown}{hint}")
         probe = ChatSettings()
         try:
+            if key == "seed" and value.lower() not in ("default", "none", "auto"):
+                value = str(parse_seed(value))
             probe.set(key, value)
         except ValueError as e:
             return await self._ephemeral(interaction, f"⚠️ {e}")

@@ -78,8 +78,11 @@ class Engine:
         self, job, session_id: str, *, text: str, attachments: list[tuple[str, Path]] = (), want=(),
         settings: dict | None = None,
     ) -> TurnResult:
+        from nextgpt.limits import check_chat_message
+
         chat = self._chat(session_id, settings)
         chat.staged = list(attachments)
+        check_chat_message(chat, text)  # over the budget: a one-line notice, nothing saved
         reply = chat.send(text, want=list(want), on_text=job.stream if job else None, on_progress=job.report if job else None)
         return self._result(chat, reply)
 
