@@ -283,6 +283,33 @@ def test_delete_session_removes_only_unshared_blobs(mem: Memory):
     assert mem.list_sessions() == []
 
 
+@pytest.mark.parametrize("given", ["data", "path"])
+def test_a_delete_racing_add_turn_never_leaves_a_turn_without_its_file(mem: Memory, monkeypatch, tmp_path, given):
+    """add_turn puts its blobs first, then writes the rows in one transaction. A delete_session that
+    removes the same (shared) blob in between must not leave the new turn pointing at a missing
+    file: add_turn checks its blobs again inside its transaction and puts them back."""
+    a = mem.create_session("a", "tiny")
+    b = mem.create_session("b", "tiny")
+    mem.add_turn(a.id, "user", "first", media=[MediaIn(data=PNG_A, mime="image/png")])
+    real_prepare, raced = mem._prepare_media, []
+
+    def prepare_then_race(m):
+        out = real_prepare(m)
+        if not raced:  # another process deletes the blob's only other user, right now
+            raced.append(mem.delete_session(a.id))
+            assert not mem.blobs.has(out["sha256"])
+        return out
+
+    monkeypatch.setattr(mem, "_prepare_media", prepare_then_race)
+    src = tmp_path / "mine.png"
+    src.write_bytes(PNG_A)
+    media = MediaIn(data=PNG_A, mime="image/png") if given == "data" else MediaIn(path=src, mime="image/png")
+    mem.add_turn(b.id, "user", "second", media=[media])
+    assert raced  # the race happened
+    (turn,) = mem.turns(b.id)
+    assert turn.media[0].path.read_bytes() == PNG_A
+
+
 def test_blob_gc_without_delete_returning(tmp_path: Path, monkeypatch):
     """Old SQLite (< 3.35) has no DELETE ... RETURNING: the select-then-delete path."""
     with Memory.open(data_dir=tmp_path) as mem:
