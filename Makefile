@@ -43,7 +43,7 @@ train-small: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m bots.train_small --eval 20
 
 eval: setup
-	$(BIN)/nextgpt eval $(if $(PROFILE),--profile $(PROFILE),--profile small)
+	$(BIN)/nextgpt eval --both $(if $(PROFILE),--profile $(PROFILE),--profile small)
 
 bench: setup
 	$(BIN)/python bench/run.py

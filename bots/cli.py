@@ -69,6 +69,10 @@ def cmd_ask(args) -> int:
             raise UserError(str(e)) from None
     if not args.prompt.strip() and not attachments:
         raise UserError("empty prompt: say something or attach a file")
+    if args.no_log and (args.continue_last or args.session):
+        raise UserError("--no-log cannot be combined with --continue / --session (they add to a saved session)")
+    if args.session:  # checked before the model loads
+        _session_or_error(_memory(settings), args.session)
 
     from assistant.agent import Assistant
 
@@ -91,7 +95,7 @@ def cmd_ask(args) -> int:
     else:
         from assistant.session import Chat
 
-        chat = Chat.start(assistant, _memory(settings))
+        chat = Chat.start(assistant, _memory(settings), session_id=args.session, continue_last=args.continue_last)
         chat.settings.seed = args.seed
         chat.staged = attachments
         reply = chat.send(args.prompt, want=args.want, on_text=on_text)
@@ -473,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--no-stream", action="store_true", help="print the text when it is complete")
 
     ask.add_argument("--no-log", action="store_true", help="don't save this exchange in memory")
+    ask.add_argument("-c", "--continue", dest="continue_last", action="store_true",
+                     help="continue the last session: the earlier turns are the context (\"now make it blue\")")
+    ask.add_argument("--session", metavar="ID", help="continue this session (id or unique prefix)")
 
     chat = add("chat", cmd_chat, "interactive chat with memory (/help inside lists commands)")
     chat.add_argument("-c", "--continue", dest="continue_last", action="store_true", help="continue the last session")

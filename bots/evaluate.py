@@ -273,7 +273,7 @@ def evaluate(
                         failures.append(f"{s.modality}: {type(e).__name__}: {e}")
             _score_case(case, reply.text, media, failures)
             case.result["signals"] = [s.modality for s in reply.signals]
-            bar.advance(case)
+            bar.advance(case.direction)
     finally:
         bar.close()
     result = summarize(cases)
@@ -299,6 +299,185 @@ def evaluate(
     return result
 
 
+# ----------------------------------------------------------------------------------------- dialogs
+# `nextgpt eval --dialogs`: whole conversations, driven live — each user turn in order, the model's
+# OWN replies kept in the context (as `nextgpt chat` keeps them: the reply's trace) — and the last
+# turn scored. Scenarios, wording and attributes come from `nextgpt.world.conversations` with its
+# held-out wording pool and the evaluation seed, so no request is a training sentence.
+
+DIALOG_TARGET = 0.90
+MAIN_KEYS = {"image": ("colour", "shape"), "audio": ("pitch",), "video": ("direction",)}  # as the single-turn table
+_DIALOG_STREAM = 9
+
+
+@dataclass
+class DialogCase:
+    scenario: str
+    turns: list[dict[str, Any]]  # the scripted conversation (human turns are replayed; the last gpt turn is the truth)
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def build_dialog_cases(n: int, seed: int, media_dir: Path, side: int = 64, scenarios=None) -> list[DialogCase]:
+    """n conversations per scenario (held-out wording), their input media rendered into media_dir."""
+    from nextgpt.world.conversations import SCENARIOS, sample_scenarios
+    from nextgpt.world.dataset import EXTENSIONS, write_media
+
+    media_dir.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for sc in scenarios or SCENARIOS:
+        for i, turns in enumerate(sample_scenarios(sc, n, seed, wording="eval")):
+            for j, t in enumerate(turns):
+                paths = []
+                for k, spec in enumerate(t.get("inputs", ())):
+                    path = media_dir / f"{sc}-{i:04d}-{j}-{k}.{EXTENSIONS[spec.modality]}"
+                    write_media(spec, path, side)
+                    paths.append((spec.modality, path))
+                t["paths"] = paths
+            cases.append(DialogCase(sc, turns))
+    return cases
+
+
+def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: list[tuple[str, Path]], finish: str) -> dict:
+    """The last turn against the script: media turns — each asked output present, in the order asked,
+    its main attributes (and the edited one) right in the decoded file; question turns — the answer
+    word in the text and no media."""
+    from nextgpt.world.analyze import analyze, parse_caption, score
+
+    truth = case.turns[-1]
+    r: dict[str, Any] = {"text": text, "signals": signals, "finish_reason": finish}
+    if "outputs" in truth:
+        specs = truth["outputs"]
+        r["asked"] = [s.modality for s in specs]
+        r["order_ok"] = signals == r["asked"]
+        per = []
+        for k, spec in enumerate(specs):
+            files = [p for m, p in media if m == spec.modality]
+            nth = sum(1 for s in specs[:k] if s.modality == spec.modality)
+            if nth >= len(files):
+                per.append({"ok": False, "predicted": None})
+                continue
+            predicted = {k2: v for k2, v in analyze(spec.modality, files[nth]).items() if k2 not in ("confidence", "details")}
+            keys = list(MAIN_KEYS[spec.modality])
+            if truth.get("changed") and truth["changed"] not in keys:
+                keys.append(truth["changed"])
+            said = parse_caption(text, spec.modality)
+            per.append({"ok": score(spec.modality, predicted, spec.attributes(), keys), "keys": keys, "predicted": predicted,
+                        "text_ok": score(spec.modality, said, spec.attributes(), keys)})  # fmt: skip
+        r["outputs"] = per
+        r["ok"] = bool(r["order_ok"] and all(o["ok"] for o in per))
+        r["text_ok"] = all(o.get("text_ok") for o in per)
+    else:
+        (key, value), = truth["answer"].items()
+        said = parse_caption(text, None).get(key)
+        r["ok"] = said == value and not signals
+        r["text_ok"] = said == value
+    return r
+
+
+def evaluate_dialogs(settings, profile=None, *, n: int = 20, seed: int = 12345, out_dir=None, max_new_tokens=None,
+                     steps=None, progress: bool = True, assistant=None, scenarios=None) -> dict[str, Any]:  # fmt: skip
+    """Every scenario n times; returns {"scenarios": {name: {...}}, "length_finishes", ...}."""
+    import tempfile
+
+    import torch
+
+    from assistant.agent import Assistant
+    from nextgpt.model import MediaInput, Message, PromptCache
+
+    register_world_components()
+    tmp = None
+    if out_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="nextgpt-eval-dialogs-")
+        out_dir = tmp.name
+    out_dir = Path(out_dir)
+    if assistant is None:
+        assistant = Assistant(settings, profile if isinstance(profile, str) else None, output_dir=out_dir / "generated")
+        if profile is not None and not isinstance(profile, str):
+            assistant.profile, assistant.profile_name = profile, "custom"
+    gen = assistant.profile.generation
+    cases = build_dialog_cases(n, seed + _DIALOG_STREAM, out_dir / "inputs", scenarios=scenarios)
+    model = assistant.model
+    t0 = time.perf_counter()
+    bar = _Bar(len(cases), progress)
+    turns_total, length_finishes = 0, 0
+    try:
+        for i, case in enumerate(cases):
+            messages, cache = [], PromptCache()
+            humans = [t for t in case.turns if t["from"] == "human"]
+            for j, h in enumerate(humans):
+                messages.append(Message("user", h["value"], [MediaInput(m, path=p) for m, p in h["paths"]]))
+                reply = model.generate(messages, want=[], max_new_tokens=max_new_tokens or gen.max_new_tokens,
+                                       temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
+                                       seed=seed + 1000 * i + j, cache=cache)  # fmt: skip
+                messages.append(Message("assistant", reply.trace))
+                turns_total += 1
+                length_finishes += reply.finish_reason == "length"
+            media: list[tuple[str, Path]] = []
+            failures = []
+            for k, s in enumerate(reply.signals):  # only the last turn is rendered and scored
+                try:
+                    with torch.inference_mode():
+                        files = assistant.tools[s.modality](s.prompt_embeds, seed=seed + i + k, steps=steps)
+                    media += [(s.modality, f.path) for f in files]
+                except Exception as e:  # noqa: BLE001 - a failed decoder is a wrong answer, not a crash
+                    failures.append(f"{s.modality}: {type(e).__name__}: {e}")
+            case.result = score_dialog_turn(case, reply.text, [s.modality for s in reply.signals], media, reply.finish_reason)
+            if failures:
+                case.result["failures"] = failures
+            bar.advance(case.scenario)
+    finally:
+        bar.close()
+    out: dict[str, Any] = {"scenarios": {}}
+    for sc in dict.fromkeys(c.scenario for c in cases):
+        cs = [c for c in cases if c.scenario == sc]
+        out["scenarios"][sc] = {
+            "n": len(cs),
+            "accuracy": sum(bool(c.result.get("ok")) for c in cs) / len(cs),
+            "text_accuracy": sum(bool(c.result.get("text_ok")) for c in cs) / len(cs),
+            "turns": sum(len(c.turns) // 2 for c in cs) / len(cs),
+        }
+    out.update(turns=turns_total, length_finishes=length_finishes, seed=seed, n=n, seconds=round(time.perf_counter() - t0, 1),
+               profile=assistant.profile_name, checkpoint=str(assistant.profile.checkpoint) if assistant.profile.checkpoint else None,
+               target=DIALOG_TARGET)  # fmt: skip
+    with (out_dir / "dialog-cases.jsonl").open("w") as f:
+        for c in cases:
+            script = [{"from": t["from"], "value": t["value"], "kind": t["kind"]} for t in c.turns]
+            f.write(json.dumps({"scenario": c.scenario, "script": script, **c.result}, default=str) + "\n")
+    if tmp is not None:
+        tmp.cleanup()
+    else:
+        out["cases"] = str(out_dir / "dialog-cases.jsonl")
+    return out
+
+
+SCENARIO_WHAT = {
+    "edit": "change one attribute of the last output",
+    "convert": "the same as a video / a picture",
+    "refer": "edit an earlier output (\"the first circle\")",
+    "multi": "two or three modalities in one message",
+    "chat-create": "a request after chit-chat",
+    "recall": "\"what colour was the first circle?\"",
+    "ask": "a question about the last output",
+    "attach": "an attachment + \"draw this shape in green\"",
+}
+
+
+def dialog_rows(result: dict) -> list[tuple[str, str, str, str, str]]:
+    out = []
+    for sc, r in result["scenarios"].items():
+        out.append((sc, SCENARIO_WHAT.get(sc, ""), f"{_pct(r['accuracy'])} ({r['n']})", f"text {_pct(r['text_accuracy'])}, {r['turns']:.1f} turns",
+                    f"≥ 90% {_mark(r['accuracy'], DIALOG_TARGET)}"))  # fmt: skip
+    out.append(("token limit", "replies that ran to max_new_tokens", f"{result['length_finishes']} of {result['turns']}", "", "0"))
+    return out
+
+
+def format_dialogs_markdown(result: dict) -> str:
+    head = f"profile `{result.get('profile')}`, seed {result.get('seed')}, {result.get('n')} conversations per scenario, {result.get('seconds')} s\n\n"
+    lines = ["| scenario | what | last turn right | also | target |", "|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(r)} |" for r in dialog_rows(result)]
+    return head + "\n".join(lines)
+
+
 class _Bar:
     def __init__(self, total: int, show: bool):
         self.p = None
@@ -310,9 +489,9 @@ class _Bar:
             self.task = self.p.add_task("eval", total=total, what="")
             self.p.start()
 
-    def advance(self, case: Case) -> None:
+    def advance(self, what: str) -> None:
         if self.p is not None:
-            self.p.update(self.task, advance=1, what=case.direction)
+            self.p.update(self.task, advance=1, what=what)
 
     def close(self) -> None:
         if self.p is not None:
@@ -379,6 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="denoising steps (default: the profile's)")
     p.add_argument("--out", help="keep inputs, generated media and cases.jsonl here")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of a table")
+    p.add_argument("--dialogs", action="store_true",
+                   help="score whole conversations instead (edits, follow-ups, several modalities at once, ...; --n per scenario)")
+    p.add_argument("--both", action="store_true", help="the single-turn table and the conversation table")
+    p.add_argument("--scenario", action="append", help="with --dialogs: only this scenario (repeatable)")
     return p
 
 
@@ -410,15 +593,44 @@ def main(argv: list[str] | None = None) -> int:
 
         holder = tempfile.TemporaryDirectory(prefix="nextgpt-eval-out-")
         assistant.output_dir = Path(holder.name)
-    result = evaluate(settings, profile, n_per_direction=args.n, seed=args.seed, out_dir=out_dir, plain=args.plain,
-                      max_new_tokens=args.max_new_tokens, steps=args.steps, progress=not args.json and sys.stderr.isatty(),
-                      assistant=assistant)  # fmt: skip
-    result["profile"] = name
+    progress = not args.json and sys.stderr.isatty()
+    if args.scenario:
+        from nextgpt.world.conversations import SCENARIOS
+
+        unknown = [x for x in args.scenario if x not in SCENARIOS]
+        if unknown:
+            print(f"{PROG}: error: unknown scenario {unknown[0]!r}; expected one of {', '.join(SCENARIOS)}", file=sys.stderr)
+            return 2
+    results = {}
+    if not args.dialogs or args.both:
+        results["single"] = evaluate(settings, profile, n_per_direction=args.n, seed=args.seed, out_dir=out_dir, plain=args.plain,
+                                     max_new_tokens=args.max_new_tokens, steps=args.steps, progress=progress, assistant=assistant)  # fmt: skip
+        results["single"]["profile"] = name
+    if args.dialogs or args.both:
+        results["dialogs"] = evaluate_dialogs(settings, profile, n=args.n, seed=args.seed, out_dir=out_dir, max_new_tokens=args.max_new_tokens,
+                                              steps=args.steps, progress=progress, assistant=assistant, scenarios=args.scenario)  # fmt: skip
+        results["dialogs"]["profile"] = name
     if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_table(result)
+        print(json.dumps(results if len(results) > 1 else next(iter(results.values())), indent=2))
+        return 0
+    if "single" in results:
+        print_table(results["single"])
+    if "dialogs" in results:
+        print_dialog_table(results["dialogs"])
     return 0
+
+
+def print_dialog_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"nextgpt eval --dialogs — profile {result.get('profile')}, seed {result.get('seed')}, "
+                    f"{result.get('n')} conversations per scenario ({result.get('seconds')} s)")  # fmt: skip
+    for col in ("scenario", "what", "last turn right", "also", "target"):
+        t.add_column(col)
+    for r in dialog_rows(result):
+        t.add_row(*r)
+    Console().print(t)
 
 
 if __name__ == "__main__":

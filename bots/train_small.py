@@ -16,12 +16,17 @@ Steps (every one deterministic, every one skipped when its output is already com
    (caption → caption + signal tokens; target: the decoder's own text encoding of the caption).
 4. stage 3 (`<work>/stage3`, from stage 2): LoRA (rank 8) + input projection + output projectors +
    new rows on the dialogs.
-5. refit (`<work>/refit`): the output projectors refitted on the final LLM's states at the signal
-   tokens of the stage-3 dialogs, the pairs and extra dialogs whose requests name the output in
-   varied, partial wordings ("draw a blue square"; `write_dialogs(vary_captions=True)`, seed 4).
+5. stage 4 (`<work>/stage4`, from stage 3): conversation tuning — stage 3 continued (same LoRA,
+   rows, input projection) on multi-turn conversations (`nextgpt.world.conversations`, seed 5:
+   edits of the last output, "the same as a video", references to earlier turns, two or three
+   modalities in one message, chit-chat, questions about earlier outputs, requests that use an
+   attachment) mixed with the varied-wording single requests.
+6. refit (`<work>/refit`): the output projectors refitted on the final LLM's states at the signal
+   tokens of the stage-3 dialogs, the pairs, the conversations and extra dialogs whose requests name
+   the output in varied, partial wordings ("draw a blue square"; `write_dialogs(vary_captions=True)`, seed 4).
    The states are cached under `<work>/refit-states` (keyed by the LLM weights and the data), so a
    second refit with other projector settings costs only the fitting.
-6. publish: the stage-3 checkpoint (nextgpt.safetensors, the LoRA adapter, meta.json; no optimizer
+7. publish: the stage-3 checkpoint (nextgpt.safetensors, the LoRA adapter, meta.json; no optimizer
    state) into `--out` with a model card `README.md`; `--eval N` also runs `bots.evaluate` on it
    and records the table in the card.
 
@@ -49,7 +54,7 @@ from pathlib import Path
 
 PROG = "python -m bots.train_small"
 STATE_FILE = "state.json"
-TRAIN_SEEDS = {"pairs": 1, "dialogs": 2, "refit_dialogs": 4}  # bots.evaluate uses 12345: never a training sample
+TRAIN_SEEDS = {"pairs": 1, "dialogs": 2, "refit_dialogs": 4, "conversations": 5}  # bots.evaluate uses 12345: never a training sample
 
 
 @dataclass
@@ -71,6 +76,12 @@ class Plan:
     stages: dict[int, StagePlan]
     lora_r: int = 8
     lora_alpha: float = 16.0
+    conversations: int = 0  # stage 4 (multi-turn conversations)
+
+
+STAGE_NAMES = {1: "encoding-side alignment (pairs)", 2: "decoding-side alignment (captions)", 3: "instruction tuning (dialogs, LoRA)",
+               4: "conversation tuning (multi-turn, LoRA continued)"}  # fmt: skip
+LLM_STAGES = (1, 2, 3, 4)
 
 
 FULL = Plan(
@@ -85,7 +96,10 @@ FULL = Plan(
         # stage 3 leaves the projectors to the refit (their large L2 gradients would dominate the clipped
         # update of the LoRA); the LM loss alone teaches when to emit signal tokens
         3: StagePlan(steps=240, batch_size=8, lr=1e-3, max_length=320, save_every=20, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
+        # stage 3 continued on conversations (+ the varied single requests, so those stay): the LM loss only, as stage 3
+        4: StagePlan(steps=200, batch_size=8, lr=5e-4, max_length=448, save_every=20, warmup=10, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
     },
+    conversations=2400,
 )
 SMOKE = Plan(
     pairs=4,
@@ -95,7 +109,9 @@ SMOKE = Plan(
         1: StagePlan(steps=2, batch_size=2, lr=1e-3, max_length=128, save_every=1, warmup=1),
         2: StagePlan(steps=2, batch_size=2, lr=1e-3, max_length=128, save_every=1, warmup=1),
         3: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=256, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
+        4: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
     },
+    conversations=4,
     lora_r=4,
     lora_alpha=8.0,
 )
@@ -116,14 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (also the default: finished steps are always skipped)")
     p.add_argument("--restart", action="store_true", help="start the stages over (the data is kept)")
     p.add_argument("--smoke", action="store_true", help="tiny version for CI (use with --profile tiny)")
-    p.add_argument("--stages", default="1,2,3", help="which stages to run (default 1,2,3); the others must be complete if needed")
-    p.add_argument("--steps", metavar="S1,S2,S3", help="override the step counts")
-    p.add_argument("--lr", metavar="L1,L2,L3", help="override the peak learning rates")
+    p.add_argument("--stages", default="1,2,3,4", help="which stages to run (default 1,2,3,4); the others must be complete if needed")
+    p.add_argument("--steps", metavar="S1,S2,S3,S4", help="override the step counts")
+    p.add_argument("--lr", metavar="L1,L2,L3,L4", help="override the peak learning rates")
+    p.add_argument("--conversations", type=int, help="override the number of stage-4 conversations")
     p.add_argument("--pairs", type=int, help="override the pairs per modality")
     p.add_argument("--dialogs", type=int, help="override the number of dialogs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's `threads` / torch's)")
     p.add_argument("--no-refit", action="store_true", help="skip the projector refit after stage 3")
-    p.add_argument("--refit", metavar="DIALOGS,PAIRS,STEPS,VARIED", help="override the refit sizes (empty fields keep the plan's)")
+    p.add_argument("--refit", metavar="DIALOGS,PAIRS,STEPS,VARIED,CONVERSATIONS", help="override the refit sizes (empty fields keep the plan's)")
     p.add_argument("--publish-partial", action="store_true",
                    help="publish the latest saved checkpoint (of the furthest stage) to --out without training")  # fmt: skip
     p.add_argument("--eval", type=int, default=0, metavar="N", help="after publishing, evaluate N prompts per direction into the card")
@@ -163,15 +180,20 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
     high beep"), as users ask (the stage-3 dialogs always use the full canonical caption); skipped
     when already written with the same sizes (the files are a deterministic function of (n, seed, side))."""
     from nextgpt.world.dataset import pairs_json_path, write_pairs
-    from nextgpt.world.dialogs import DIALOGS_FILE, write_dialogs
+    from nextgpt.world.conversations import sample_conversations
+    from nextgpt.world.dialogs import DIALOGS_FILE, write_dialogs, write_records
 
     data = work / "data"
     want = {"pairs": plan.pairs, "dialogs": plan.dialogs, "varied": varied, "side": plan.side, "seeds": TRAIN_SEEDS}
+    if plan.conversations:
+        want["conversations"] = plan.conversations
     have = state.get("data", {})
     files = {m: pairs_json_path(data / "pairs", m) for m in MODALITIES}
     files["dialogs"] = data / "dialogs" / DIALOGS_FILE
     if varied:
         files["varied"] = data / "refit-dialogs" / DIALOGS_FILE
+    if plan.conversations:
+        files["conversations"] = data / "conversations" / DIALOGS_FILE
     if have.get("spec") == want and all(f.is_file() for f in files.values()):
         _say(f"data: present ({plan.pairs} pairs per modality, {plan.dialogs} dialogs, {varied} refit dialogs)")
         return files
@@ -187,6 +209,11 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
         t = time.perf_counter()
         write_dialogs(files["varied"].parent, varied, TRAIN_SEEDS["refit_dialogs"], plan.side, outputs=False, vary_captions=True)
         _say(f"data: {varied} refit dialogs with varied captions ({time.perf_counter() - t:.0f} s)")
+    if plan.conversations:
+        t = time.perf_counter()
+        sampled = sample_conversations(plan.conversations, TRAIN_SEEDS["conversations"])
+        write_records(files["conversations"].parent, sampled, plan.side, outputs=False)
+        _say(f"data: {plan.conversations} multi-turn conversations ({time.perf_counter() - t:.0f} s)")
     state["data"] = {"spec": want, "seconds": round(time.perf_counter() - t0, 1)}
     _save_state(work, state)
     return files
@@ -254,9 +281,14 @@ def run_stage(stage: int, work: Path, plan: Plan, files: dict[str, Path], args, 
     if done is not None and done >= sp.steps and not args.restart:
         _say(f"stage {stage}: complete ({done} steps), skipped")
         return out
-    data = [str(files[m]) for m in MODALITIES] if stage in (1, 2) else [str(files["dialogs"])]
+    if stage in (1, 2):
+        data = [str(files[m]) for m in MODALITIES]
+    elif stage == 3:
+        data = [str(files["dialogs"])]
+    else:  # 4: conversations + the single requests in users' wording (so those are not forgotten)
+        data = [str(files["conversations"])] + ([str(files["varied"])] if "varied" in files else [])
     init = "none" if stage == 1 else str(work / f"stage{stage - 1}")
-    argv = ["--stage", str(stage), "--profile", args.profile]
+    argv = ["--stage", str(min(stage, 3)), "--profile", args.profile]  # stage 4 is stage 3's training on other data
     for d in data:
         argv += ["--data", d]
     argv += [
@@ -265,7 +297,7 @@ def run_stage(stage: int, work: Path, plan: Plan, files: dict[str, Path], args, 
         "--save-every", str(sp.save_every), "--log-every", str(max(1, min(10, sp.save_every))), "--cpu",
         "--targets", args.targets_dir, *sp.extra,
     ]  # fmt: skip
-    if stage == 3:
+    if stage >= 3:
         argv += ["--lora-r", str(plan.lora_r), "--lora-alpha", str(plan.lora_alpha)]
     if args.config:
         argv += ["--config", args.config]
@@ -298,13 +330,18 @@ def _latest_step(out: Path) -> int:
     return max(steps, default=0)
 
 
-def latest_checkpoint(work: Path) -> tuple[int, Path] | None:
+def final_llm_stage(plan: Plan) -> int:
+    """The last stage that changes the LLM (the refit fits the projectors to its states)."""
+    return max(plan.stages)
+
+
+def latest_checkpoint(work: Path, plan: Plan) -> tuple[int, Path] | None:
     """(stage, folder) of the furthest saved checkpoint: the refit, a final stage output or a step checkpoint."""
-    refit = work / "refit"
+    refit, last = work / "refit", final_llm_stage(plan)
     if (refit / "meta.json").is_file() and (refit / "stage3-step").is_file() \
-            and (refit / "stage3-step").read_text().strip() == str(_final_step(work / "stage3")):  # fmt: skip
-        return 3, refit
-    for stage in (3, 2, 1):
+            and (refit / "stage3-step").read_text().strip() == f"{last}:{_final_step(work / f'stage{last}')}":  # fmt: skip
+        return last, refit
+    for stage in sorted(plan.stages, reverse=True):
         out = work / f"stage{stage}"
         if _final_step(out) is not None:
             return stage, out
@@ -323,13 +360,14 @@ class RefitPlan:
     pairs: int  # stage-2 style examples per modality (caption → caption + signals; cheap volume)
     steps: int  # projector optimizer steps on the cached states
     varied: int = 0  # extra dialogs whose requests name the output in varied, partial wordings (make_data)
+    conversations: int = 0  # multi-turn conversations (stage 4's data) whose outputs are used
     batch_size: int = 32
     lr: float = 1e-3
     forward_batch: int = 16
 
 
-REFIT_FULL = RefitPlan(dialogs=1800, pairs=1200, steps=5000, varied=1500, batch_size=64)  # ≈ 0.05 s a step (d_model 128); the dialogs bring varied reply wording
-REFIT_SMOKE = RefitPlan(dialogs=4, pairs=2, steps=3, varied=4, batch_size=4, forward_batch=4)
+REFIT_FULL = RefitPlan(dialogs=900, pairs=600, steps=5000, varied=1500, batch_size=64, conversations=1500)  # ≈ 0.05 s a step (d_model 128); the dialogs bring varied reply wording
+REFIT_SMOKE = RefitPlan(dialogs=4, pairs=2, steps=3, varied=4, batch_size=4, forward_batch=4, conversations=4)
 
 
 def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Path], args, state: dict) -> Path:
@@ -355,9 +393,11 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     from nextgpt.train import TargetCache, load_stage_data
     from nextgpt.train.encode import Collator, DialogEncoder, MediaCache
 
-    src, out = work / "stage3", work / "refit"
+    last = final_llm_stage(plan)
+    src, out = work / f"stage{last}", work / "refit"
+    marker = f"{last}:{_final_step(src)}"  # which LLM the projectors were fitted to
     if (out / META_FILE).is_file() and json.loads((out / META_FILE).read_text()).get("refit", {}).get("plan") == asdict(rp) \
-            and not args.restart and (out / "stage3-step").read_text().strip() == str(_final_step(src)):  # fmt: skip
+            and not args.restart and (out / "stage3-step").read_text().strip() == marker:  # fmt: skip
         _say("refit: complete, skipped")
         return out
     t0 = time.perf_counter()
@@ -365,11 +405,13 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     profile = settings.profile(settings.profile_name(args.profile)).model_copy(update={"checkpoint": str(src)})
     model = NextGPT.from_profile(profile, settings.cache_path)
     model.llm.eval()
-    enc = DialogEncoder(model.tokenizer, model.template, model.system_prompt, plan.stages[3].max_length)
+    enc = DialogEncoder(model.tokenizer, model.template, model.system_prompt, plan.stages[last].max_length)
     sources = {  # name → (records, the files they come from)
         "dialogs": ([d for d in load_stage_data(3, [files["dialogs"]]) if d.outputs][: rp.dialogs], [files["dialogs"]]),
         "pairs": ([p for m in MODALITIES for p in load_stage_data(2, [files[m]])[: rp.pairs]], [files[m] for m in MODALITIES]),
         "varied": ([d for d in load_stage_data(3, [files["varied"]]) if d.outputs], [files["varied"]]) if "varied" in files else ([], []),
+        "conversations": ([d for d in load_stage_data(3, [files["conversations"]]) if d.outputs][: rp.conversations], [files["conversations"]])
+        if "conversations" in files and rp.conversations else ([], []),
     }
     cache = TargetCache(_target_dirs(settings, profile, args.targets_dir))
     shapes = {m: (p.query_embs.shape[1], p.model.out_features) for m, p in model.output_projectors.items()}
@@ -381,7 +423,7 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     for name, (records, paths) in sources.items():
         if not records:
             continue
-        key = hashlib.sha256(json.dumps([llm_digest, _digest(paths), len(records), plan.stages[3].max_length, Path(args.targets_dir).name]).encode()).hexdigest()[:12]
+        key = hashlib.sha256(json.dumps([llm_digest, _digest(paths), len(records), plan.stages[last].max_length, Path(args.targets_dir).name]).encode()).hexdigest()[:12]
         saved = work / "refit-states" / f"{name}-{key}.safetensors"
         if saved.is_file():
             part = load_file(str(saved))
@@ -463,7 +505,7 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     meta = json.loads((src / META_FILE).read_text())
     meta["refit"] = {"plan": asdict(rp), "examples": {k: len(v[0]) for k, v in sources.items()}, "report": report}
-    (out / "stage3-step").write_text(f"{_final_step(src)}\n")
+    (out / "stage3-step").write_text(f"{marker}\n")
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     seconds = round(time.perf_counter() - t0, 1)
     state["refit"] = {"seconds": seconds, "states_seconds": round(t_states, 1), "report": report, **asdict(rp)}
@@ -552,13 +594,13 @@ def publish(src: Path, dst: Path, *, half: bool = True) -> dict:
 
 
 def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str, eval_result: dict | None, note: str = "") -> Path:
-    from bots.evaluate import format_markdown
+    from bots.evaluate import format_dialogs_markdown, format_markdown
 
     stages = state.get("stages", {})
     llm_params = 134_515_008  # SmolLM2-135M (tied embeddings)
     rows = []
-    names = {1: "encoding-side alignment (pairs)", 2: "decoding-side alignment (captions)", 3: "instruction tuning (dialogs, LoRA)"}
-    for s in (1, 2, 3):
+    names = STAGE_NAMES
+    for s in sorted(plan.stages):
         r = stages.get(str(s))
         sp = plan.stages[s]
         if r:
@@ -583,6 +625,13 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
     varied = data.get("spec", {}).get("varied")
     refit_data = (f"\n- refit only: {varied} more dialogs whose create requests name the output in varied, partial wordings"
                   f" (\"a blue square\", \"a high beep\"), seed {TRAIN_SEEDS['refit_dialogs']}") if varied else ""  # fmt: skip
+    conv = data.get("spec", {}).get("conversations")
+    conv_data = (f"\n- stage 4: {conv} multi-turn conversations (`nextgpt.world.conversations`, seed {TRAIN_SEEDS['conversations']}; "
+                 "1–7 exchanges ending in an edit, a conversion, a reference to an earlier output, two or three modalities "
+                 "at once, a request after chit-chat, a question about an earlier or the last output, or a request that uses "
+                 "an attachment) + the varied-wording dialogs") if conv else ""  # fmt: skip
+    single = eval_result.get("single", eval_result) if eval_result else None
+    dialogs = eval_result.get("dialogs") if eval_result else None
     text = f"""# NExT-GPT `{profile_name}` checkpoint (shapes world)
 
 The trained tensors of the `{profile_name}` profile (`checkpoint: ./weights/small/nextgpt` in config.yaml):
@@ -604,7 +653,7 @@ alpha {plan.lora_alpha:g}, q/k/v/o) for SmolLM2-135M-Instruct. Everything else i
 - stages 1–2: {data.get('spec', {}).get('pairs', plan.pairs)} X-caption pairs per modality (image, audio, video),
   seed {TRAIN_SEEDS['pairs']}, paraphrased captions
 - stage 3: {data.get('spec', {}).get('dialogs', plan.dialogs)} MosIT-style dialogs (describe / create / transform /
-  ask / chit-chat, 2–4 exchanges), seed {TRAIN_SEEDS['dialogs']}{refit_data}
+  ask / chit-chat, 2–4 exchanges), seed {TRAIN_SEEDS['dialogs']}{refit_data}{conv_data}
 - data generation: {data.get('seconds', 0) / 60:.1f} min
 
 ## Training (2 CPU cores, fp32, AdamW, linear warmup/decay)
@@ -617,7 +666,11 @@ alpha {plan.lora_alpha:g}, q/k/v/o) for SmolLM2-135M-Instruct. Everything else i
 
 ## Evaluation (`python -m bots.evaluate --profile {profile_name}`, fresh seed, the model decides the modality)
 
-{format_markdown(eval_result) if eval_result else '(not evaluated)'}
+{format_markdown(single) if single else '(not evaluated)'}
+
+## Conversations (`nextgpt eval --dialogs`: whole conversations driven live, the last turn scored; held-out wording)
+
+{format_dialogs_markdown(dialogs) if dialogs else '(not evaluated)'}
 
 ## Licences
 
@@ -637,17 +690,21 @@ def _plan(args) -> Plan:
 
     plan = copy.deepcopy(SMOKE if args.smoke else FULL)
     if args.steps:
-        for s, n in zip((1, 2, 3), args.steps.split(",")):
+        for s, n in zip(LLM_STAGES, args.steps.split(",")):
             if n.strip():
                 plan.stages[s].steps = int(n)
     if args.lr:
-        for s, x in zip((1, 2, 3), args.lr.split(",")):
+        for s, x in zip(LLM_STAGES, args.lr.split(",")):
             if x.strip():
                 plan.stages[s].lr = float(x)
     if args.pairs:
         plan.pairs = args.pairs
     if args.dialogs:
         plan.dialogs = args.dialogs
+    if args.conversations is not None:
+        plan.conversations = args.conversations
+    if not plan.conversations:
+        plan.stages.pop(4, None)
     return plan
 
 
@@ -656,7 +713,7 @@ def _refit_plan(args) -> RefitPlan:
 
     rp = copy.deepcopy(REFIT_SMOKE if args.smoke else REFIT_FULL)
     if args.refit:
-        for name, v in zip(("dialogs", "pairs", "steps", "varied"), args.refit.split(",")):
+        for name, v in zip(("dialogs", "pairs", "steps", "varied", "conversations"), args.refit.split(",")):
             if v.strip():
                 setattr(rp, name, int(v))
     return rp
@@ -691,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(str(e)) from None
         fp = fingerprint(settings, profile)
         was = state.get("inputs")
-        trained = any(_latest_step(work / f"stage{s}") or _final_step(work / f"stage{s}") is not None for s in (1, 2, 3))
+        trained = any(_latest_step(work / f"stage{s}") or _final_step(work / f"stage{s}") is not None for s in plan.stages)
         if was and was != fp and trained and not args.restart and not args.publish_partial:
             changed = ", ".join(k for k in fp if was.get(k) != fp[k])
             raise UserError(f"the {changed} weights changed since {work} was trained; run with --restart to train again on them")
@@ -701,26 +758,27 @@ def main(argv: list[str] | None = None) -> int:
         if not args.publish_partial:
             files = make_data(work, plan, state, varied=0 if args.no_refit else _refit_plan(args).varied)
             wanted = {int(s) for s in args.stages.split(",") if s.strip()}
-            for stage in (1, 2, 3):
+            for stage in sorted(plan.stages):
                 if stage in wanted:
                     run_stage(stage, work, plan, files, args, state)
-                elif _final_step(work / f"stage{stage}") is None and any(s > stage for s in wanted):
+                elif _final_step(work / f"stage{stage}") is None and stage + 1 in wanted:  # a selected stage starts from it
                     raise UserError(f"stage {stage} is not complete and not selected (--stages)")
-            if 3 in wanted and not args.no_refit:
+            if final_llm_stage(plan) in wanted and not args.no_refit:
                 refit_projectors(work, plan, _refit_plan(args), files, args, state)
-        found = latest_checkpoint(work)
+        found = latest_checkpoint(work, plan)
         if found is None:
             raise UserError(f"nothing to publish under {work}")
         stage, src = found
         info = publish(src, dst)
-        complete = _final_step(work / "stage3") is not None and _final_step(work / "stage3") >= plan.stages[3].steps
+        last = final_llm_stage(plan)
+        complete = _final_step(work / f"stage{last}") is not None and _final_step(work / f"stage{last}") >= plan.stages[last].steps
         note = ("" if src == work / "refit" else "projectors NOT refitted") if complete else "PARTIAL: training not finished"
         state["published"] = {**info, "src": str(src)}
         _save_state(work, state)
         _say(f"published {src} → {dst} ({info['bytes'] / 1e6:.1f} MB)")
         result = None
         if args.eval:
-            from bots.evaluate import evaluate
+            from bots.evaluate import evaluate, evaluate_dialogs
             from nextgpt.config import load_settings
 
             settings = load_settings(args.config)
@@ -729,6 +787,10 @@ def main(argv: list[str] | None = None) -> int:
                               max_new_tokens=args.eval_max_new_tokens, progress=not args.no_progress)  # fmt: skip
             result["evaluated"] = str(src)
             result["profile"] = args.profile
+            dialogs = evaluate_dialogs(settings, profile, n=args.eval, seed=args.eval_seed, out_dir=work / "eval",
+                                       max_new_tokens=args.eval_max_new_tokens, progress=not args.no_progress)  # fmt: skip
+            dialogs["profile"] = args.profile
+            result = {"single": result, "dialogs": dialogs}
             (work / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         elif args.card_eval:
             result = json.loads(Path(args.card_eval).read_text())

@@ -75,26 +75,26 @@ W: dict[str, tuple[str, ...]] = {
     "made.audio": ("Here is {c}.", "Sure! Here is the sound: {c}.", "I made {c} for you.", "Here you go: {c}."),
     "made.video": ("Here is a video of {c}.", "Sure! Here is a clip of {c}.", "I made a video of {c}.", "Here is an animation of {c}."),
     # edits (x = the new value)
-    "edit.colour": ("Make it {x}.", "Now make it {x}.", "Change the colour to {x}.", "now make it {x}",
-                    "Can you make it {x}?", "Same thing but {x}.", "Turn it {x}.", "make it {x} instead",
-                    "I'd prefer it in {x}.", "Recolour it {x}.", "Try it in {x}.", "{x} instead, please"),
-    "edit.shape": ("Make it a {x} instead.", "Change it to a {x}.", "Now a {x}.", "change it to a {x}",
-                   "Can you make it a {x}?", "Same but as a {x}.", "Turn it into a {x}.", "make it a {x}",
-                   "Use a {x} instead.", "What about a {x}?", "Try a {x}.", "now do a {x} instead"),
-    "edit.size.large": ("Make it bigger.", "Make it large.", "Can you make it larger?", "make it bigger",
+    "edit.colour": ("Make it {x}.", "Now make it {x}.", "Change the colour to {x}.", "can it be {x}?",
+                    "Can you make it {x}?", "Same thing but {x}.", "Turn it {x}.", "switch it to {x}",
+                    "I'd prefer it in {x}.", "Recolour it {x}.", "Try it in {x}.", "go with {x} this time"),
+    "edit.shape": ("Make it a {x} instead.", "Change it to a {x}.", "Now a {x}.", "how about a {x}?",
+                   "Can you make it a {x}?", "Same but as a {x}.", "Turn it into a {x}.", "swap it for a {x}",
+                   "Use a {x} instead.", "What about a {x}?", "Try a {x}.", "i want a {x} now"),
+    "edit.size.large": ("Make it bigger.", "Make it large.", "Can you make it larger?", "a bigger one please",
                         "Bigger, please.", "Now a large one.", "Enlarge it.", "can you make it big?"),
-    "edit.size.small": ("Make it smaller.", "Make it small.", "Can you make it smaller?", "make it smaller",
+    "edit.size.small": ("Make it smaller.", "Make it small.", "Can you make it smaller?", "a smaller one please",
                         "Smaller, please.", "Now a small one.", "Shrink it.", "can you make it small?"),
-    "edit.position": ("Move it to the {x}.", "Put it on the {x}.", "Now on the {x}.", "move it to the {x}",
+    "edit.position": ("Move it to the {x}.", "Put it on the {x}.", "Now on the {x}.", "can you put it on the {x}?",
                       "Can you move it to the {x}?", "Shift it to the {x}.", "Place it on the {x}.", "put it on the {x} instead"),
-    "edit.direction": ("Now make it move {x}.", "Make it go {x} instead.", "Change the direction to {x}.", "now make it move {x}",
+    "edit.direction": ("Now make it move {x}.", "Make it go {x} instead.", "Change the direction to {x}.", "can you have it go {x}?",
                        "Can it move {x}?", "Have it slide {x}.", "Make it move {x}.", "make it go {x}"),
-    "edit.pitch": ("Make it {x}-pitched.", "Change the pitch to {x}.", "Now a {x} one.", "make it {x}-pitched",
+    "edit.pitch": ("Make it {x}-pitched.", "Change the pitch to {x}.", "Now a {x} one.", "can it be {x}-pitched?",
                    "Can you make it {x}-pitched?", "Same but {x}-pitched.", "Try a {x} pitch.", "now make it {x} pitched"),
-    "edit.pitch.up": ("Make it higher.", "Raise the pitch.", "A higher one, please.", "make it higher"),
-    "edit.pitch.down": ("Make it lower.", "Lower the pitch.", "A lower one, please.", "make it lower"),
-    "edit.timbre": ("Make it a {x} instead.", "Change it to a {x}.", "Now as a {x}.", "make it a {x}",
-                    "Can you make it a {x}?", "Same pitch but a {x}.", "Turn it into a {x}.", "make it a {x} instead"),
+    "edit.pitch.up": ("Make it higher.", "Raise the pitch.", "A higher one, please.", "higher please"),
+    "edit.pitch.down": ("Make it lower.", "Lower the pitch.", "A lower one, please.", "lower please"),
+    "edit.timbre": ("Make it a {x} instead.", "Change it to a {x}.", "Now as a {x}.", "switch it to a {x}",
+                    "Can you make it a {x}?", "Same pitch but a {x}.", "Turn it into a {x}.", "could it be a {x}?"),
     "edited": ("Here it is, now {d}: {c}.", "Done! Here is {c}.", "Sure, here is {c}.", "Here you go: {c}."),
     # converting
     "to.video": ("Now a video of it moving {x}.", "Animate it moving {x}.", "Make it move {x} in a video.", "now make a video of it going {x}",
@@ -104,30 +104,30 @@ W: dict[str, tuple[str, ...]] = {
     "converted.video": ("Here is a video of it: {c}.", "Sure! Here is a clip of {c}.", "Here it is moving: {c}.", "Here you go: {c}."),
     "converted.image": ("Here is a picture of it: {c}.", "Sure! Here is a still image of {c}.", "Here it is as a picture: {c}.", "Here you go: {c}."),
     # referring to an earlier output (r = how it is named, x = the new colour)
-    "refer": ("Make the first {r} {x}.", "Go back to the first {r} and make it {x}.", "Take the first {r} and make it {x}.", "make the first {r} {x}",
+    "refer": ("Make the first {r} {x}.", "Go back to the first {r} and make it {x}.", "Take the first {r} and make it {x}.", "redo the first {r} but {x}",
               "Can you redo the first {r} in {x}?", "The first {r}, but {x}, please.", "Change the first {r} to {x}.", "make the first {r} {x} instead"),
     # several outputs in one message (a, b, c: the parts)
-    "multi.2": ("{a} and {b}.", "Can you {a} and {b}?", "Please {a}, and also {b}.", "{a} and {b}",
+    "multi.2": ("{a} and {b}.", "Can you {a} and {b}?", "Please {a}, and also {b}.", "{a} plus {b}",
                 "I'd like you to {a} and then {b}.", "{a}, then {b}.", "Could you {a} and {b}?", "{a} and also {b} please"),
-    "multi.3": ("{a}, {b} and {c}.", "Can you {a}, {b} and {c}?", "Please {a}, then {b}, then {c}.", "{a}, {b} and {c}"),
-    "part.image": ("draw {c}", "make a picture of {c}", "show me {c}", "draw {c}"),
-    "part.audio": ("play {c}", "make {c}", "give me {c}", "play {c}"),
-    "part.video": ("make a video of {c}", "animate {c}", "make a clip of {c}", "animate {c}"),
+    "multi.3": ("{a}, {b} and {c}.", "Can you {a}, {b} and {c}?", "Please {a}, then {b}, then {c}.", "{a}, {b}, and also {c}"),
+    "part.image": ("draw {c}", "make a picture of {c}", "show me {c}", "paint {c}"),
+    "part.audio": ("play {c}", "make {c}", "give me {c}", "let me hear {c}"),
+    "part.video": ("make a video of {c}", "animate {c}", "make a clip of {c}", "make a short clip of {c}"),
     "said.image": ("a picture of {c}", "an image of {c}", "{c}", "a picture of {c}"),
     "said.audio": ("{c}", "the sound of {c}", "{c}", "{c}"),
     "said.video": ("a video of {c}", "a clip of {c}", "an animation of {c}", "a video of {c}"),
     "multi.made": ("Here is {parts}.", "Sure! Here is {parts}.", "I made {parts}.", "Here you go: {parts}."),
     # questions
-    "ask.colour": ("What colour is it?", "Which colour is that?", "What color is it?", "what colour is it?"),
-    "ask.shape": ("What shape is it?", "Which shape is that?", "What shape did you draw?", "what shape is it?"),
+    "ask.colour": ("What colour is it?", "Which colour is that?", "What color is it?", "which colour did you use?"),
+    "ask.shape": ("What shape is it?", "Which shape is that?", "What shape did you draw?", "what's the shape?"),
     "ask.direction": ("Which way does it move?", "What direction is it going?", "Where does it move?", "which way is it moving?"),
     "ask.pitch": ("How high is the pitch?", "Is it high or low?", "What pitch is it?", "how high is it?"),
     "ask.timbre": ("Is it a beep or a buzz?", "What kind of sound is it?", "Is that a beep or a buzz?", "beep or buzz?"),
-    "recall.colour": ("What colour was the first {r}?", "Which colour was the first {r}?", "What color was the first {r}?", "what colour was the first {r}?",
-                      "Remind me, what colour was the first {r}?", "What was the colour of the first {r}?", "The first {r} was which colour?", "what color was the first {r}"),
-    "recall.shape": ("What shape was the first {r}?", "Which shape did the first {r} have?", "What was the first {r}'s shape?", "what shape was the first {r}?"),
-    "recall.pitch": ("How high was the first sound?", "What pitch was the first sound?", "Was the first sound high or low?", "what pitch was the first sound?"),
-    "recall.direction": ("Which way did the first {r} move?", "What direction did the first {r} go?", "Where did the first {r} move?", "which way did the first {r} move?"),
+    "recall.colour": ("What colour was the first {r}?", "Which colour was the first {r}?", "What color was the first {r}?", "what colour did the first {r} have?",
+                      "Remind me, what colour was the first {r}?", "What was the colour of the first {r}?", "The first {r} was which colour?", "do you remember the first {r}'s colour?"),
+    "recall.shape": ("What shape was the first {r}?", "Which shape did the first {r} have?", "What was the first {r}'s shape?", "what was the shape of the first {r}?"),
+    "recall.pitch": ("How high was the first sound?", "What pitch was the first sound?", "Was the first sound high or low?", "do you remember how high the first sound was?"),
+    "recall.direction": ("Which way did the first {r} move?", "What direction did the first {r} go?", "Where did the first {r} move?", "where was the first {r} heading?"),
     "answer.colour": ("It is {x}.", "It's {x}.", "That one is {x}.", "It is {x}."),
     "answer.shape": ("It is a {x}.", "It's a {x}.", "That is a {x}.", "It is a {x}."),
     "answer.direction": ("It moves {x}.", "It is moving {x}.", "It goes {x}.", "It moves {x}."),
@@ -140,20 +140,21 @@ W: dict[str, tuple[str, ...]] = {
     # inputs
     "describe.ask.image": ("What is in this picture?", "Describe this image.", "What do you see here?", "what's in this picture?",
                            "Can you tell me what this image shows?", "What does this picture show?", "Look at this. What is it?", "describe this"),
-    "describe.ask.audio": ("What does this sound like?", "Describe this sound.", "Listen to this. What is it?", "what is this sound?",
-                           "What kind of sound is this?", "Can you describe what you hear?", "What do you hear?", "describe this sound"),
-    "describe.ask.video": ("What happens in this video?", "Describe this clip.", "What is moving in this video?", "what's in this video?",
-                           "Can you tell me what this video shows?", "What do you see in this clip?", "Watch this. What happens?", "describe this clip"),
+    "describe.ask.audio": ("What does this sound like?", "Describe this sound.", "Listen to this. What is it?", "what can you hear in this?",
+                           "What kind of sound is this?", "Can you describe what you hear?", "What do you hear?", "tell me about this sound"),
+    "describe.ask.video": ("What happens in this video?", "Describe this clip.", "What is moving in this video?", "what's going on in this clip?",
+                           "Can you tell me what this video shows?", "What do you see in this clip?", "Watch this. What happens?", "tell me about this video"),
     "described.image": ("It shows {c}.", "This is {c}.", "I see {c}.", "It shows {c}."),
     "described.audio": ("It is {c}.", "This sounds like {c}.", "That is {c}.", "It is {c}."),
     "described.video": ("It shows {c}.", "The clip shows {c}.", "I see {c}.", "It shows {c}."),
-    "attach.colour": ("Draw this shape in {x}.", "Make a {x} version of this.", "Can you draw the same shape in {x}?", "draw this shape in {x}",
+    "attach.colour": ("Draw this shape in {x}.", "Make a {x} version of this.", "Can you draw the same shape in {x}?", "paint this shape {x}",
                       "Draw this again but {x}.", "Make this {x}.", "Redraw it in {x}.", "same shape but {x} please"),
     "attach.video": ("Animate this moving {x}.", "Make a video of this shape going {x}.", "Can you make this move {x}?", "animate this going {x}"),
     "attach.pitch": ("Make this sound {x}-pitched.", "Play this at a {x} pitch.", "Can you make a {x}-pitched version of this?", "make this {x}-pitched"),
-    "chat": ("Hello!", "Hi there.", "What can you do?", "hi! how are you?", "Thanks!", "Who are you?", "Good job.", "hello",
-             "How are you?", "Thank you, that is great.", "Nice.", "hey", "Can you explain what a square is?", "Cool, thanks.",
-             "Are you a robot?", "good morning"),
+    "chat": ("Hello!", "Hi there.", "What can you do?", "hi! how are you?",
+             "Thanks!", "Who are you?", "Good job.", "hiya",
+             "How are you?", "Thank you, that is great.", "Nice.", "hey",
+             "Can you explain what a square is?", "Cool, thanks.", "Are you a robot?", "good morning"),
 }
 CHAT_REPLY = {
     "Hello!": "Hello! I can describe pictures, sounds and videos of simple shapes, and make new ones.",
@@ -296,7 +297,7 @@ class Writer:
         d = {"colour": x, "shape": f"a {x}", "size": x, "position": f"on the {x}", "direction": f"moving {x}",
              "pitch": f"{x}-pitched", "timbre": f"a {x}"}[what]  # fmt: skip
         self.exchange("refer" if refer else "edit", request, self.say("edited", user=False, d=d, c=out.words),
-                      outputs=[new], captions=[out.words])  # fmt: skip
+                      outputs=[new], captions=[out.words], extra={"changed": what})  # fmt: skip
         self.items.append(out)
         return out
 
@@ -426,7 +427,7 @@ def _setup(w: Writer, scenario: str) -> None:
         if not w.items or w.rng.random() < 0.7:
             w.create()
         for _ in range(int(w.rng.integers(1, 3))):
-            w.edit() if w.rng.random() < 0.6 else w.chat()
+            w.edit() if w.rng.random() < 0.6 and any(it.output for it in w.items) else w.chat()
     elif scenario == "chat-create":
         for _ in range(int(w.rng.integers(1, 3))):
             w.chat()
@@ -467,7 +468,7 @@ def sample_conversation(rng: np.random.Generator, scenario: str, wording: str = 
     _scenario(w, scenario)
     if follow:
         r = rng.random()
-        w.edit() if r < 0.4 else w.chat() if r < 0.7 else w.create()
+        w.edit() if r < 0.4 and any(it.output for it in w.items) else w.chat() if r < 0.7 else w.create()
     return w.turns
 
 

@@ -275,8 +275,9 @@ def write_records(
                 if outputs:
                     for spec in specs:
                         turn.setdefault(NAME_KEYS[spec.modality], []).append(media(spec))
-            if "answer" in t:
-                turn["answer"] = t["answer"]
+            for key in ("answer", "changed"):  # what a question's answer / an edit's change is (for scoring)
+                if key in t:
+                    turn[key] = t[key]
             if "output" in t:
                 spec = t["output"]
                 turn["output_modality"] = spec.modality

@@ -1,0 +1,143 @@
+"""Multi-turn MosIT conversations (nextgpt.world.conversations) and their scoring (`nextgpt eval --dialogs`)."""
+
+from dataclasses import replace
+
+import pytest
+
+from nextgpt.world.conversations import SCENARIOS, W, sample_conversations, sample_scenarios
+from nextgpt.world.spec import AudioSpec, ImageSpec
+
+
+def _last(turns):
+    return turns[-2], turns[-1]
+
+
+def test_every_scenario_is_generated_deterministically():
+    a, b = sample_conversations(40, seed=3), sample_conversations(40, seed=3)
+    assert [[t["value"] for t in c] for c in a] == [[t["value"] for t in c] for c in b]
+    kinds = {c[-1]["kind"] for c in a} | {c[-3]["kind"] for c in a if len(c) > 2}
+    assert set(SCENARIOS) <= kinds
+    assert sample_conversations(5, seed=4)[0] != a[0]
+
+
+def test_an_edit_changes_one_attribute_and_keeps_the_rest():
+    for turns in sample_scenarios("edit", 30, seed=1, wording="train"):
+        _, gpt = _last(turns)
+        new = gpt["outputs"][0]
+        before = next(t["outputs"][-1] for t in reversed(turns[:-2]) if t.get("outputs"))
+        changed = gpt["changed"]
+        assert type(new) is type(before)
+        assert getattr(new, changed) != getattr(before, changed)
+        assert replace(new, **{changed: getattr(before, changed)}) == before  # everything else kept
+        assert getattr(new, changed) in gpt["value"]  # the reply says what it made
+        assert gpt["captions"][0] in gpt["value"]
+
+
+def test_the_first_item_is_what_recall_answers():
+    for turns in sample_scenarios("recall", 30, seed=2, wording="train"):
+        human, gpt = _last(turns)
+        (key, value), = gpt["answer"].items()
+        assert value in gpt["value"] and not gpt.get("outputs")
+
+
+def test_multi_asks_each_modality_in_order():
+    for turns in sample_scenarios("multi", 30, seed=3, wording="train"):
+        human, gpt = _last(turns)
+        specs = gpt["outputs"]
+        assert 2 <= len(specs) <= 3 and len(gpt["captions"]) == len(specs)
+        positions = [human["value"].lower().find(c.lower()) for c in gpt["captions"]]
+        assert all(p >= 0 for p in positions) and positions == sorted(positions)  # asked in this order
+
+
+def test_eval_wording_is_never_a_training_wording():
+    """Every user intent's held-out phrasings (index % 4 == 3) differ from all its training phrasings,
+    also after a user's habits (lower case, no punctuation); and the training data never uses them."""
+    import re
+
+    def norm(t):
+        return re.sub(r"[^a-z{} ]", "", t.lower()).strip()
+
+    replies = ("answer", "recalled", "said", "described", "made", "edited", "converted", "multi.made")
+    for intent, pool in W.items():
+        if intent.startswith(replies):
+            continue
+        trained = {norm(t) for i, t in enumerate(pool) if i % 4 != 3}
+        assert not [t for i, t in enumerate(pool) if i % 4 == 3 and norm(t) in trained], intent
+    held = {norm(t) for intent, pool in W.items() if not intent.startswith(replies) for i, t in enumerate(pool) if i % 4 == 3}
+    shapes = {norm(re.sub(r"\b(red|green|blue|yellow|purple|orange|circle|square|triangle)\b", "{}", t["value"]))
+              for c in sample_conversations(300, seed=0) for t in c if t["from"] == "human"}
+    assert len(shapes) > 50
+    assert not {h for h in held if "{" not in h} & {norm(t["value"]) for c in sample_conversations(300, seed=0) for t in c}
+
+
+def test_records_round_trip_with_several_outputs(tmp_path, settings):
+    from nextgpt.train.data import read_dialogs_file
+    from nextgpt.world.dialogs import write_records
+
+    convs = sample_scenarios("multi", 3, seed=5, wording="train") + sample_scenarios("attach", 3, seed=5, wording="train")
+    path = write_records(tmp_path / "d", convs, 32, outputs=True)
+    dialogs = read_dialogs_file(path)
+    for conv, dialog in zip(convs, dialogs):
+        gpt = conv[-1]
+        last = dialog.turns[-1]
+        assert [o.modality for o in last.outputs] == [s.modality for s in gpt["outputs"]]
+        assert [o.caption for o in last.outputs] == gpt["captions"]
+    attach = dialogs[3:]
+    assert all(any(t.media for t in d.turns if t.role == "user") for d in attach)  # the attachment is an input
+
+
+def test_a_multi_output_reply_trains_one_signal_group_per_output(tiny_model, tmp_path):
+    from nextgpt.train.data import read_dialogs_file
+    from nextgpt.train.encode import DialogEncoder
+    from nextgpt.world.dialogs import write_records
+
+    convs = sample_scenarios("multi", 4, seed=6, wording="train")
+    dialogs = read_dialogs_file(write_records(tmp_path / "m", convs, 32, outputs=False))
+    enc = DialogEncoder(tiny_model.tokenizer, tiny_model.template, tiny_model.system_prompt, 1024)
+    for conv, d in zip(convs, dialogs):
+        ex = enc.encode(d)
+        asked = [s.modality for s in conv[-1]["outputs"]]
+        last = [m for _, m, _ in ex.signals][-len(asked):]
+        assert last == asked
+        starts = [s for s, _, _ in ex.signals][-len(asked):]
+        assert starts == sorted(starts)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    from nextgpt.world.dataset import write_media
+
+    d = tmp_path_factory.mktemp("truth")
+    files = {}
+    for name, spec in {"blue-circle": ImageSpec("circle", "blue", "large", "center"),
+                       "red-circle": ImageSpec("circle", "red", "large", "center"),
+                       "high-beep": AudioSpec("high", "beep")}.items():  # fmt: skip
+        files[name] = d / f"{name}.{'png' if isinstance(spec, ImageSpec) else 'wav'}"
+        write_media(spec, files[name], 64)
+    return files
+
+
+def test_dialog_scoring_checks_attributes_order_and_answers(rendered):
+    from bots.evaluate import DialogCase, score_dialog_turn
+
+    blue = ImageSpec("circle", "blue", "large", "center")
+    edit = DialogCase("edit", [{"from": "human", "value": "now make it blue"},
+                               {"from": "gpt", "value": "", "outputs": [blue], "captions": ["a blue circle"], "changed": "colour"}])  # fmt: skip
+    text = "Here it is in blue: a blue circle."
+    assert score_dialog_turn(edit, text, ["image"], [("image", rendered["blue-circle"])], "eos")["ok"]
+    assert not score_dialog_turn(edit, text, ["image"], [("image", rendered["red-circle"])], "eos")["ok"]  # the picture stayed red
+    assert not score_dialog_turn(edit, text, [], [], "eos")["ok"]  # no picture at all
+
+    multi = DialogCase("multi", [{"from": "human", "value": "draw a blue circle and play a high beep"},
+                                 {"from": "gpt", "value": "", "outputs": [blue, AudioSpec("high", "beep")],
+                                  "captions": ["a blue circle", "a high-pitched beep"]}])  # fmt: skip
+    both = [("image", rendered["blue-circle"]), ("audio", rendered["high-beep"])]
+    assert score_dialog_turn(multi, "", ["image", "audio"], both, "eos")["ok"]
+    assert not score_dialog_turn(multi, "", ["audio", "image"], both, "eos")["ok"]  # not in the order asked
+    assert not score_dialog_turn(multi, "", ["image"], both[:1], "eos")["ok"]  # only one of the two
+
+    recall = DialogCase("recall", [{"from": "human", "value": "what colour was the first circle?"},
+                                   {"from": "gpt", "value": "It was red.", "answer": {"colour": "red"}}])  # fmt: skip
+    assert score_dialog_turn(recall, "The first circle was red.", [], [], "eos")["ok"]
+    assert not score_dialog_turn(recall, "It was blue.", [], [], "eos")["ok"]
+    assert not score_dialog_turn(recall, "It was red.", ["image"], [], "eos")["ok"]  # an answer needs no media
