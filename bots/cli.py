@@ -428,8 +428,23 @@ def cmd_doctor(args) -> int:
     profile = settings.profile(name)
     import torch
 
+def cmd_repair(settings) -> int:
+    from bots.repair import repair
+
+    r = repair(_memory(settings), settings.output_path, settings.cache_path)
+    print(f"removed {r.media_rows} unreferenced media rows, {r.blob_files} unreferenced blob files, "
+          f"{len(r.orphan_outputs)} orphan output files, {len(r.temp_files)} temp files/folders")  # fmt: skip
+    for sid, shas in r.damaged.items():
+        print(f"session {sid}: {len(shas)} media file(s) missing from the blob store ({', '.join(s[:12] for s in shas[:3])})")
+    if r.damaged:
+        print(f"{len(r.damaged)} damaged session(s): their turns with those media cannot be re-run or continued until the files are back")
+    return 1 if r.damaged else 0
+
+
     from nextgpt.devices import resolve_device
     from nextgpt.doctor import component_status
+    if args.repair:
+        return cmd_repair(settings)
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
@@ -515,7 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     delete = add("delete", cmd_delete, "delete a session and the media no other session uses")
     delete.add_argument("session", help="session id (or unique prefix)")
 
-    add("doctor", cmd_doctor, "show the device, the profile and which weights are present or missing")
+    doctor = add("doctor", cmd_doctor, "show the device, the profile and which weights are present or missing")
+    doctor.add_argument("--repair", action="store_true",
+                        help="remove orphan outputs, unreferenced blobs and stale temp folders; list sessions with missing media")  # fmt: skip
 
     convert = add("convert", cmd_convert, "convert the released NExT-GPT pytorch_model.pt into a nextgpt checkpoint")
     convert.add_argument("src", help="pytorch_model.pt (or the folder holding it)")

@@ -172,10 +172,17 @@ def config_path(path: str | os.PathLike | None = None) -> Path:
 
 def _format_error(path: Path, err: ValidationError, prefix: str = "") -> str:
     lines = []
-    for e in err.errors():
-        where = prefix + (".".join(str(x) for x in e["loc"]) or "(top level)")
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"{path}: {where}: {msg}")
+    for e in sorted(errors, key=lambda e: e["type"] != "extra_forbidden"):
+        loc = tuple(e["loc"])
+        where = prefix + (".".join(str(x) for x in loc) or "(top level)")
+        if e["type"] == "extra_forbidden":
+            siblings = [str(m[-1]) for m in missing if m[:-1] == loc[:-1]]
+            close = difflib.get_close_matches(str(loc[-1]), siblings, n=1) if loc else []
+            if close:
+                meant.add(loc[:-1] + (close[0],))
+            lines.append(f"{path}: {where}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        elif loc not in meant:
+            lines.append(f"{path}: {where}: {e['msg']}")
     return "\n".join(lines)
 
 

@@ -8,7 +8,9 @@ from configs alone, saves it with `save_pretrained`, and `load_llm` reads it bac
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +81,40 @@ def build_tiny_llm(out_dir: Path) -> Path:
     return out_dir
 
 
+STALE_BUILD_S = 24 * 3600  # a temp folder of unknown owner older than this is abandoned
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale_builds(path: Path) -> list[Path]:
+    """Remove the temp folders of `build_atomically(path)` runs that died (a `kill -9` during the
+    first GGUF dequantisation left 130 MB behind for good): their process is gone, or, for a name
+    without a process id, they are older than a day. Returns what was removed."""
+    import re
+    import shutil
+    import time
+
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}-*"):
+        m = re.match(rf"\.{re.escape(path.name)}-pid(\d+)-", tmp.name)
+        try:
+            stale = not _alive(int(m.group(1))) if m else time.time() - tmp.stat().st_mtime > STALE_BUILD_S
+        except OSError:
+            continue
+        if stale and tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 def build_atomically(path: Path, build) -> Path:
     """Run `build(tmp_dir)` and rename the result into place, so that concurrent processes never
     see (or load) a half-written model; the loser of a race drops its copy."""
@@ -86,7 +122,8 @@ def build_atomically(path: Path, build) -> Path:
     import tempfile
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    clean_stale_builds(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-pid{os.getpid()}-", dir=path.parent))
     try:
         build(tmp)
         try:
@@ -132,12 +169,17 @@ def package_file(source: str) -> Path:
     return path
 
 
+def dequantised_copy_path(gguf: Path, cache_dir: Path) -> Path:
+    """Where `_dequantised_copy` keeps a GGUF's safetensors copy: keyed by the file's size and mtime."""
+    stat = gguf.stat()
+    return cache_dir / "gguf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+
+
 def _dequantised_copy(path: str, gguf_file: str, cache_dir: Path, dtype: torch.dtype):
     """GGUF weights are dequantised on every load (~20 s for 135 M params); keep a safetensors copy
     in the cache dir, keyed by the file's size and mtime, and load that instead (~0.2 s)."""
     gguf = Path(path) / gguf_file
-    stat = gguf.stat()
-    copy = cache_dir / "gguf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    copy = dequantised_copy_path(gguf, cache_dir)
     if not (copy / "config.json").is_file():
         log.info("dequantising %s once into %s", gguf, copy)
 

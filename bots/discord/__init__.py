@@ -70,7 +70,7 @@ def run(settings, profile: str | None = None, *, config: DiscordConfig | None = 
 
     assistant = Assistant(settings, profile)
     memory = Memory.open(data_dir=settings.data_path)
-    engine = Engine(assistant, memory)
+    engine = Engine(assistant, memory, max_cache_bytes=int(cfg.kv_cache_mb * 2**20))
 
     async def serve() -> None:
         bot = NextGPTBot(engine=engine, config=cfg, data_dir=settings.data_path)

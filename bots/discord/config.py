@@ -39,6 +39,7 @@ class DiscordConfig(BaseModel):
     max_attachment_mb: float = Field(25.0, gt=0, description="largest attachment accepted, MiB")
     max_attachment_pixels: int = Field(40_000_000, ge=1, description="largest image/video frame (w×h) accepted")
     max_attachments: int = Field(4, ge=1, le=8, description="attachments in one message (checked before any download)")
+    kv_cache_mb: float = Field(1024, ge=0, description="the chats' LLM key/value caches together, MiB (least recently used dropped first)")
     default_seed: int | None = Field(None, ge=0, le=2**63 - 1, description="seed when neither the server nor the command sets one")
     default_steps: int | None = Field(None, ge=1, le=1000, description="diffusion steps when not set elsewhere")
     default_guidance: float | None = Field(None, ge=0, le=100)

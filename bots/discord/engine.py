@@ -33,11 +33,27 @@ class TurnResult:
     info: dict = field(default_factory=dict)
 
 
+def cache_bytes(chat: Chat) -> int:
+    """Memory held by a chat's LLM key/value cache (its buffers, spare room included)."""
+    kv = getattr(chat.cache, "kv", None)
+    if kv is None:
+        return 0
+    total = 0
+    for layer in getattr(kv, "layers", ()):
+        tensors = getattr(layer, "buffers", None) or (getattr(layer, "keys", None), getattr(layer, "values", None))
+        total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total
+
+
 class Engine:
-    def __init__(self, assistant, memory, *, max_chats: int = 64):
+    def __init__(self, assistant, memory, *, max_chats: int = 64, max_cache_bytes: int = 1 << 30):
+        """`max_cache_bytes` bounds the chats' key/value caches together (77 MB for 890 tokens on
+        `small`, GBs on a 7B): the least recently used chats lose theirs first (recomputed if they
+        come back); `max_chats` bounds the number of chats kept at all."""
         self.assistant = assistant
         self.memory = memory
         self.max_chats = max_chats
+        self.max_cache_bytes = max_cache_bytes
         self._chats: collections.OrderedDict[str, Chat] = collections.OrderedDict()
         self._worker_thread: int | None = None
         self._local = threading.local()  # .delegate: this thread works for the worker (a batch)
@@ -84,6 +100,7 @@ class Engine:
         chat.staged = list(attachments)
         check_chat_message(chat, text)  # over the budget: a one-line notice, nothing saved
         reply = chat.send(text, want=list(want), on_text=job.stream if job else None, on_progress=job.report if job else None)
+        self._bound_caches()  # this turn grew its cache
         return self._result(chat, reply)
 
     def regenerate(self, job, session_id: str, *, reseed: bool = False, settings: dict | None = None) -> TurnResult:
@@ -96,6 +113,7 @@ class Engine:
         merged.update({k: previous[k] for k in ("seed", "steps", "guidance") if previous.get(k) is not None})
         chat = self._chat(session_id, merged)
         reply = chat.regenerate(reseed=reseed, on_text=job.stream if job else None, on_progress=job.report if job else None)
+        self._bound_caches()
         return self._result(chat, reply)
 
     # ------------------------------------------------------------------ internals
@@ -116,9 +134,21 @@ class Engine:
         self._chats[session_id] = chat
         while len(self._chats) > self.max_chats:
             self._chats.popitem(last=False)
+        self._bound_caches()
         chat.settings = ChatSettings(**{k: v for k, v in (settings or {}).items() if k in SETTING_NAMES})
         chat.staged = []
         return chat
+
+    def _bound_caches(self) -> None:
+        """Drop the least recently used chats' KV caches until all of them fit `max_cache_bytes`."""
+        sizes = {sid: cache_bytes(c) for sid, c in self._chats.items()}
+        total = sum(sizes.values())
+        for sid, chat in self._chats.items():  # oldest first
+            if total <= self.max_cache_bytes:
+                break
+            if sizes[sid]:
+                chat.cache = None
+                total -= sizes[sid]
 
     def _result(self, chat: Chat, reply) -> TurnResult:
         session = chat.session
