@@ -168,6 +168,12 @@ def cmd_discord(args) -> int:
     return run(_settings(args), profile=args.profile)
 
 
+def cmd_serve(args) -> int:
+    from bots.serve import run
+
+    return run(_settings(args), profile=args.profile, host=args.host, port=args.port)
+
+
 def cmd_train(args) -> int:
     if args.rest[:1] == ["world"]:  # `nextgpt train world ...`: the shapes-world encoder and decoders
         return train_world(args.rest[1:])
@@ -518,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="with --official: replace DST")
 
     add("discord", cmd_discord, "serve the assistant as a Discord bot (token from $NEXTGPT_DISCORD_TOKEN)")
+    serve = add("serve", cmd_serve, "an OpenAI-compatible HTTP API (keys from $NEXTGPT_API_KEYS; none needed on loopback)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs API keys)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     train = sub.add_parser("train", add_help=False,
                            help="train NExT-GPT: --stage 1|2|3 (`nextgpt train --help`); `train world`: the shapes-world "
                            "encoder and decoders (`nextgpt train world --help`)")  # fmt: skip

@@ -121,6 +121,7 @@ class Settings(_Strict):
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice)")
     profiles: dict[str, Profile]
     discord: dict = Field(default_factory=dict, description="`nextgpt discord` settings, validated by bots.discord.config")
+    serve: dict = Field(default_factory=dict, description="`nextgpt serve` settings, validated by bots.serve.ServeConfig")
     source: Path | None = Field(None, exclude=True, description="the file these settings came from")
 
     def profile(self, name: str | None = None) -> Profile:
