@@ -306,8 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--side", type=int, default=64)
     p.add_argument("--no-outputs", action="store_true", help="don't render the reference outputs")
     p.add_argument("--vary-captions", action="store_true", help="name requested outputs in varied, partial wordings")
+    p.add_argument("--conversations", action="store_true",
+                   help="multi-turn conversations instead (edits, follow-ups, several outputs at once; nextgpt.world.conversations)")
     args = p.parse_args(argv)
-    path = write_dialogs(args.out_dir, args.n, args.seed, args.side, outputs=not args.no_outputs, vary_captions=args.vary_captions)
+    if args.conversations:
+        from nextgpt.world.conversations import sample_conversations
+
+        path = write_records(args.out_dir, sample_conversations(args.n, args.seed), args.side, outputs=not args.no_outputs)
+    else:
+        path = write_dialogs(args.out_dir, args.n, args.seed, args.side, outputs=not args.no_outputs, vary_captions=args.vary_captions)
     print(f"wrote {path}")
     return 0
 
