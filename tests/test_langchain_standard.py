@@ -82,3 +82,42 @@ def test_the_suites_image_test_really_sends_the_image(tiny_assistant, media_file
     msg = HumanMessage(content=[{"type": "text", "text": "describe"}, {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}])
     with_image = model.invoke([msg]).usage_metadata["input_tokens"]
     assert with_image > bare
+
+
+# ---- the decoder tools (tools.langchain) ---------------------------------------------------------
+from langchain_tests.integration_tests import ToolsIntegrationTests  # noqa: E402
+from langchain_tests.unit_tests import ToolsUnitTests  # noqa: E402
+
+
+class _DecoderTool:
+    modality = "image"
+
+    @pytest.fixture(autouse=True)
+    def _tiny(self, tiny_assistant, one_torch_thread):
+        type(self).assistant = tiny_assistant
+
+    @property
+    def tool_constructor(self):
+        from tools.langchain import as_langchain_tool
+
+        return as_langchain_tool(self.assistant.tools[self.modality])
+
+    @property
+    def tool_invoke_params_example(self) -> dict:
+        return {"prompt": f"a {self.modality} of a red circle", "seed": 1, "steps": 2}
+
+
+class TestImageToolUnit(_DecoderTool, ToolsUnitTests):
+    pass
+
+
+class TestImageToolIntegration(_DecoderTool, ToolsIntegrationTests):
+    pass
+
+
+class TestAudioToolIntegration(_DecoderTool, ToolsIntegrationTests):
+    modality = "audio"
+
+
+class TestVideoToolIntegration(_DecoderTool, ToolsIntegrationTests):
+    modality = "video"
