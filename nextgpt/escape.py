@@ -8,7 +8,8 @@ its characters, so it is tokenised as ordinary text; the stored text is never ch
 prompt built from it, so a session that already holds such a turn works again.
 
     user / system text:  every added token of the tokenizer + the template's turn marker (`###`)
-    assistant traces:    the media slot markers only (the signal tokens in a trace are the model's own)
+    assistant traces:    the same but the signal tokens (those in a trace are the model's own; a
+                         model can spell `<Img>` or `<s>` out of ordinary tokens)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from nextgpt.tokens import MEDIA_END, MEDIA_START
+from nextgpt.tokens import MODALITIES
 
 BREAK = "\u200b"  # zero-width space: invisible, and no marker contains it
 
@@ -40,12 +41,15 @@ def neutralise(text: str, marker_list: list[str]) -> str:
     return text
 
 
+SIGNAL_TOKENS = frozenset(t for spec in MODALITIES.values() for t in spec.signal_tokens)
+
+
 def neutralise_messages(messages: list, user_markers: list[str]) -> list:
     """Copies of `messages` safe to render: user and system text fully neutralised, assistant traces
-    stripped of media slot markers (a model can spell `<Img>` out of ordinary tokens)."""
-    media = [MEDIA_START, MEDIA_END]
+    all but their signal tokens."""
+    assistant_markers = [m for m in user_markers if m not in SIGNAL_TOKENS]
     out = []
     for m in messages:
-        safe = neutralise(m.text, media if m.role == "assistant" else user_markers)
+        safe = neutralise(m.text, assistant_markers if m.role == "assistant" else user_markers)
         out.append(m if safe == m.text else replace(m, text=safe))
     return out
