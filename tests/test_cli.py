@@ -106,3 +106,72 @@ def test_doctor_reports_profiles():
     big = nextgpt("doctor", "--profile", "nextgpt-7b")
     assert big.returncode == 1  # nothing of the 7B stack is present here
     assert "MISSING" in big.stdout and "cerspense/zeroscope_v2_576w" in big.stdout
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_text_and_byte_identical_media_across_processes(tmp_path):
+    """README: `--seed N`: the same seed gives the same text and byte-identical media (two separate
+    processes, every modality); another seed, other media."""
+    def ask(seed, out):
+        r = nextgpt("ask", "--profile", "tiny", "--want", "image", "--want", "audio", "--want", "video", "--json",
+                    "--no-log", "--seed", str(seed), "--out", str(tmp_path / out), "a red circle that beeps")
+        assert r.returncode == 0, r.stderr
+        reply = json.loads(r.stdout)
+        files = {m["modality"]: Path(m["path"]).read_bytes() for m in reply["media"]}
+        return reply["text"], files
+
+    text1, files1 = ask(7, "a")
+    text2, files2 = ask(7, "b")
+    assert set(files1) == {"image", "audio", "video"}
+    assert text2 == text1 and files2 == files1  # byte for byte
+    _, other = ask(8, "c")
+    assert all(other[m] != files1[m] for m in files1)
+
+
+def test_a_failing_decoder_is_named_in_json_errors_and_on_stderr(tmp_path, capsys):
+    """README: a decoder that fails does not lose the text reply; the failure is named (stderr;
+    `errors` in JSON). A real failure: the video decoder's weights are not where the config says."""
+    import yaml
+
+    from bots.cli import main
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "config.yaml").read_text())
+    cfg["profiles"]["tiny"]["decoders"]["video"]["source"] = str(tmp_path / "no-such-pipeline")
+    broken = tmp_path / "config.yaml"
+    broken.write_text(yaml.safe_dump(cfg))
+    args = ["--config", str(broken), "ask", "--profile", "tiny", "--want", "video", "--want", "image", "--seed", "1",
+            "--no-log", "--out", str(tmp_path / "out")]
+    assert main([*args, "--json", "a clip and a picture"]) == 0
+    out, err = capsys.readouterr()
+    reply = json.loads(out)
+    assert [m["modality"] for m in reply["media"]] == ["image"] and isinstance(reply["text"], str)
+    [error] = reply["errors"]
+    assert error.startswith("video decoder (VideoTool) failed: ") and "no-such-pipeline" in error
+    assert main([*args, "--no-stream", "a clip and a picture"]) == 0
+    out, err = capsys.readouterr()
+    assert any(line.startswith("image: ") for line in out.splitlines())
+    [warning] = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert warning.startswith("warning: the video decoder (VideoTool) failed: ") and "no-such-pipeline" in warning
+
+
+def test_ask_continue_drives_a_three_turn_edit(tmp_path, monkeypatch):
+    """`ask -c` continues the last session and `--session ID` a given one: the earlier turns are the
+    context, the JSON output is unchanged (`session` names the session)."""
+    monkeypatch.setenv("NEXTGPT_DATA", str(tmp_path / "data"))
+    first = nextgpt("ask", "-p", "tiny", "--json", "--seed", "1", "--want", "image", "--out", str(tmp_path), "draw a red circle")
+    assert first.returncode == 0, first.stderr
+    sid = json.loads(first.stdout)["session"]
+    second = nextgpt("ask", "-p", "tiny", "--json", "--seed", "2", "-c", "--want", "image", "--out", str(tmp_path), "now make it blue")
+    assert second.returncode == 0, second.stderr
+    third = nextgpt("ask", "-p", "tiny", "--json", "--seed", "3", "--session", sid[:8], "what colour was the first circle?")
+    assert third.returncode == 0, third.stderr
+    assert json.loads(second.stdout)["session"] == json.loads(third.stdout)["session"] == sid
+    exported = nextgpt("export", sid, "--format", "json", "-o", str(tmp_path / "s.json"))
+    assert exported.returncode == 0, exported.stderr
+    turns = json.loads((tmp_path / "s.json").read_text())["turns"]
+    assert [t["role"] for t in turns] == ["user", "assistant"] * 3
+    assert [t["text"] for t in turns if t["role"] == "user"] == ["draw a red circle", "now make it blue", "what colour was the first circle?"]
+    fresh = nextgpt("ask", "-p", "tiny", "--json", "--seed", "1", "--out", str(tmp_path), "hello")
+    assert json.loads(fresh.stdout)["session"] != sid  # without -c: a new session
+    _assert_one_line_error(nextgpt("ask", "-p", "tiny", "--session", "nosuchsession", "hi"), "nosuchsession")
+    _assert_one_line_error(nextgpt("ask", "-p", "tiny", "-c", "--no-log", "hi"), "--no-log")

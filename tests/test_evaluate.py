@@ -53,30 +53,52 @@ def test_evaluate_tiny_end_to_end(settings, tiny_assistant, tmp_path, capsys):
     result = evaluate(settings, "tiny", n_per_direction=2, seed=7, out_dir=tmp_path, plain=2,
                       max_new_tokens=8, progress=False, assistant=tiny_assistant)  # fmt: skip
     assert set(result["directions"]) == set(DIRECTIONS)
-    for r in result["directions"].values():
-        assert r["n"] == 2 and 0.0 <= r["accuracy"] <= 1.0
-    s = result["signals"]
-    assert 0.0 <= s["precision"] <= 1.0 and 0.0 <= s["recall"] <= 1.0 and s["asked"] == 6
     lines = (tmp_path / "cases.jsonl").read_text().splitlines()
     assert len(lines) == 6 * 2 + 2
-    assert all("text" in json.loads(x) for x in lines)
+    cases = [json.loads(x) for x in lines]
+    assert all(isinstance(c["text"], str) for c in cases)
+    assert_summary_matches_cases(result, cases, n=2)
     json.dumps(result)  # JSON-able
     print_table(result)
     assert "signal precision" in capsys.readouterr().out
     assert "| text→image |" in format_markdown(result)
 
 
+def assert_summary_matches_cases(result, cases, *, n):
+    """The table's numbers are the per-case outcomes counted: accuracy per direction, signal
+    precision (replies with media that were asked for one) and recall (asked modality delivered)."""
+    from bots.evaluate import DIRECTIONS
+
+    for d in DIRECTIONS:
+        mine = [c for c in cases if c["direction"] == d]
+        r = result["directions"][d]
+        assert r["n"] == len(mine) == n
+        assert r["accuracy"] == sum(bool(c["ok"]) for c in mine) / n, (d, r, [c["ok"] for c in mine])
+        assert r["media_rate"] == sum(bool(c.get("media")) for c in mine) / n
+    for c in cases:
+        c["media"] = c.get("media") or []
+    asked = [c for c in cases if c["asked"]]
+    with_media = [c for c in cases if c["media"]]
+    s = result["signals"]
+    assert s["asked"] == len(asked) == 3 * n and s["replies_with_media"] == len(with_media)
+    assert s["recall"] == sum(c["asked"] in c["media"] for c in asked) / len(asked)
+    assert s["precision"] == (sum(bool(c["asked"]) for c in with_media) / len(with_media) if with_media else 1.0)
+    # a text→X case is right only if an X was made
+    assert not [c for c in cases if c["direction"].startswith("text→") and c["ok"] and c["asked"] not in c["media"]]
+
+
 def test_evaluate_cli_json(monkeypatch, capsys, tmp_path, tiny_model):
     import assistant.agent as agent
     from bots.evaluate import main
 
-    real = agent.Assistant.model
-    monkeypatch.setattr(agent.Assistant, "model", property(lambda self: tiny_model))
+    monkeypatch.setattr(agent.Assistant, "model", property(lambda self: tiny_model))  # the session's tiny model
     rc = main(["--profile", "tiny", "--n", "1", "--plain", "1", "--max-new-tokens", "4", "--json", "--out", str(tmp_path)])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["profile"] == "tiny" and out["n_per_direction"] == 1
-    assert real is not None
+    cases = [json.loads(x) for x in (tmp_path / "cases.jsonl").read_text().splitlines()]
+    assert len(cases) == 6 + 1 and [c["direction"] for c in cases].count("plain") == 1
+    assert_summary_matches_cases(out, cases, n=1)
 
 
 @pytest.mark.slow
