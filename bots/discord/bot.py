@@ -475,7 +475,20 @@ class NextGPTBot(discord.Client):
         workdir = self._tmpdir()
         try:
             media = [m for m in result.media if m.path is not None]
-            budget = responder.limit // max(1, len(media))  # shared when a reply has several files
+            # Discord takes MAX_CONTENT characters per message and the upload limit for all of its
+            # files together: a text too long for the message goes along as reply.txt when it fits
+            # in half the limit (the media share the rest), else it is clipped and says so
+            text = result.text.strip() or "*(no text)*"
+            seeds = ", ".join(str(m.seed) for m in result.media)
+            longest_tail = 600 + len(seeds)  # the notes below, at most (each clipped)
+            full_text = None
+            if len(text) > MAX_CONTENT - len(header) - longest_tail - 4:
+                data = result.text.encode("utf-8")
+                if len(data) <= responder.limit // (2 if media else 1):
+                    full_text = workdir / "reply.txt"
+                    full_text.write_bytes(data)
+            reserved = full_text.stat().st_size if full_text is not None else 0
+            budget = (responder.limit - reserved) // max(1, len(media))  # shared when a reply has several files
             fitted: list[Fitted] = await asyncio.to_thread(
                 lambda: [
                     fit_media(m.path, m.modality, budget, workdir, preview_path=m.preview_path,
@@ -484,19 +497,17 @@ class NextGPTBot(discord.Client):
                 ]
             )
             files = [(f.path, f.filename) for f in fitted if f.path is not None]
-            notes = [f"-# ⚠️ {f.note}" for f in fitted if f.note]
+            notes = [f"-# ⚠️ {_clip(f.note, 200)}" for f in fitted if f.note]
             notes += [f"-# ⚠️ the {f.modality} decoder ({f.tool}) failed: {_clip(_one_line(f.error), 200)}" for f in result.failures]
             if result.media:
-                seeds = ", ".join(str(m.seed) for m in result.media)
                 notes.append(f"-# 🎲 seed {seeds} · profile {self.engine.profile_name}")
-            text = result.text.strip() or "*(no text)*"
             tail = "\n".join(notes)
             room = MAX_CONTENT - len(header) - len(tail) - 4
             if len(text) > room:
-                full = workdir / "reply.txt"
-                full.write_text(result.text, encoding="utf-8")
-                files.append((full, "reply.txt"))
-                text = _clip(text, max(50, room - 40)) + " *(full text attached)*"
+                if full_text is not None:
+                    files.append((full_text, "reply.txt"))
+                marker = " *(full text attached)*" if full_text is not None else " *(clipped)*"
+                text = _clip(text, max(50, room - len(marker))) + marker
             content = _clip("\n".join(x for x in (header, text, tail) if x), MAX_CONTENT)
             key = None
             if result.media:
