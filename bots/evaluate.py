@@ -358,8 +358,8 @@ def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: li
                 continue
             predicted = {k2: v for k2, v in analyze(spec.modality, files[nth]).items() if k2 not in ("confidence", "details")}
             keys = list(MAIN_KEYS[spec.modality])
-            if truth.get("changed") and truth["changed"] not in keys:
-                keys.append(truth["changed"])
+            changed = truth.get("changed") or []
+            keys += [k for k in ([changed] if isinstance(changed, str) else changed) if k not in keys]
             said = parse_caption(text, spec.modality)
             per.append({"ok": score(spec.modality, predicted, spec.attributes(), keys), "keys": keys, "predicted": predicted,
                         "text_ok": score(spec.modality, said, spec.attributes(), keys)})  # fmt: skip

@@ -21,16 +21,20 @@ def test_every_scenario_is_generated_deterministically():
 
 
 def test_an_edit_changes_one_attribute_and_keeps_the_rest():
-    for turns in sample_scenarios("edit", 30, seed=1, wording="train"):
+    two = 0
+    for turns in sample_scenarios("edit", 60, seed=1, wording="train"):
         _, gpt = _last(turns)
         new = gpt["outputs"][0]
         before = next(t["outputs"][-1] for t in reversed(turns[:-2]) if t.get("outputs"))
-        changed = gpt["changed"]
-        assert type(new) is type(before)
-        assert getattr(new, changed) != getattr(before, changed)
-        assert replace(new, **{changed: getattr(before, changed)}) == before  # everything else kept
-        assert getattr(new, changed) in gpt["value"]  # the reply says what it made
+        changed = [gpt["changed"]] if isinstance(gpt["changed"], str) else gpt["changed"]
+        assert type(new) is type(before) and 1 <= len(changed) <= 2
+        for key in changed:
+            assert getattr(new, key) != getattr(before, key)
+            assert getattr(new, key) in gpt["value"]  # the reply says what it made
+        assert replace(new, **{k: getattr(before, k) for k in changed}) == before  # everything else kept
         assert gpt["captions"][0] in gpt["value"]
+        two += len(changed) == 2
+    assert two  # "make it blue and bigger" happens too
 
 
 def test_the_first_item_is_what_recall_answers():

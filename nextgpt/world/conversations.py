@@ -77,10 +77,13 @@ W: dict[str, tuple[str, ...]] = {
     # edits (x = the new value)
     "edit.colour": ("Make it {x}.", "Now make it {x}.", "Change the colour to {x}.", "can it be {x}?",
                     "Can you make it {x}?", "Same thing but {x}.", "Turn it {x}.", "switch it to {x}",
-                    "I'd prefer it in {x}.", "Recolour it {x}.", "Try it in {x}.", "go with {x} this time"),
+                    "I'd prefer it in {x}.", "Recolour it {x}.", "Try it in {x}.", "go with {x} this time",
+                    "Make the {r} {x}.", "Now a {x} one.", "Colour it {x}.", "paint the {r} {x}",
+                    "Can you change the colour of the {r} to {x}?", "Same {r} in {x}, please.", "Redo it in {x}.", "could you do it in {x}?"),
     "edit.shape": ("Make it a {x} instead.", "Change it to a {x}.", "Now a {x}.", "how about a {x}?",
                    "Can you make it a {x}?", "Same but as a {x}.", "Turn it into a {x}.", "swap it for a {x}",
-                   "Use a {x} instead.", "What about a {x}?", "Try a {x}.", "i want a {x} now"),
+                   "Use a {x} instead.", "What about a {x}?", "Try a {x}.", "i want a {x} now",
+                   "Make the {r} a {x}.", "A {x} this time.", "Replace it with a {x}.", "how about making it a {x}"),
     "edit.size.large": ("Make it bigger.", "Make it large.", "Can you make it larger?", "a bigger one please",
                         "Bigger, please.", "Now a large one.", "Enlarge it.", "can you make it big?"),
     "edit.size.small": ("Make it smaller.", "Make it small.", "Can you make it smaller?", "a smaller one please",
@@ -95,10 +98,13 @@ W: dict[str, tuple[str, ...]] = {
     "edit.pitch.down": ("Make it lower.", "Lower the pitch.", "A lower one, please.", "lower please"),
     "edit.timbre": ("Make it a {x} instead.", "Change it to a {x}.", "Now as a {x}.", "switch it to a {x}",
                     "Can you make it a {x}?", "Same pitch but a {x}.", "Turn it into a {x}.", "could it be a {x}?"),
+    "edit.two": ("Make it {x} and {y}.", "Now {x} and {y}.", "Change it to {x} and {y}.", "{x} and {y} please",
+                 "Can you make it {x} and {y}?", "I want it {x} and {y}.", "Make it {y} and {x}.", "switch to {x} and {y}"),
     "edited": ("Here it is, now {d}: {c}.", "Done! Here is {c}.", "Sure, here is {c}.", "Here you go: {c}."),
     # converting
     "to.video": ("Now a video of it moving {x}.", "Animate it moving {x}.", "Make it move {x} in a video.", "now make a video of it going {x}",
-                 "Can you make a clip of it going {x}?", "Same but as a video, moving {x}.", "Turn it into a video moving {x}.", "animate it going {x}"),
+                 "Can you make a clip of it going {x}?", "Same but as a video, moving {x}.", "Turn it into a video moving {x}.", "animate it going {x}",
+                 "Animate it.", "Make a video of it.", "Can you make it move?", "make it move"),
     "to.image": ("Show me a still picture of it.", "Draw it as a picture.", "Make an image of it.", "now just a picture of it",
                  "Can I see a still image of it?", "Same but as a picture.", "Turn it into a picture.", "draw it as an image"),
     "converted.video": ("Here is a video of it: {c}.", "Sure! Here is a clip of {c}.", "Here it is moving: {c}.", "Here you go: {c}."),
@@ -108,7 +114,8 @@ W: dict[str, tuple[str, ...]] = {
               "Can you redo the first {r} in {x}?", "The first {r}, but {x}, please.", "Change the first {r} to {x}.", "make the first {r} {x} instead"),
     # several outputs in one message (a, b, c: the parts)
     "multi.2": ("{a} and {b}.", "Can you {a} and {b}?", "Please {a}, and also {b}.", "{a} plus {b}",
-                "I'd like you to {a} and then {b}.", "{a}, then {b}.", "Could you {a} and {b}?", "{a} and also {b} please"),
+                "I'd like you to {a} and then {b}.", "{a}, then {b}.", "Could you {a} and {b}?", "{a} and also {b} please",
+                "{a} with {b}.", "First {a}, then {b}.", "{a}, and {b} too.", "{a} & {b}"),
     "multi.3": ("{a}, {b} and {c}.", "Can you {a}, {b} and {c}?", "Please {a}, then {b}, then {c}.", "{a}, {b}, and also {c}"),
     "part.image": ("draw {c}", "make a picture of {c}", "show me {c}", "paint {c}"),
     "part.audio": ("play {c}", "make {c}", "give me {c}", "let me hear {c}"),
@@ -173,6 +180,7 @@ CHAT_REPLY = {
     "Cool, thanks.": "You're welcome!",
     "Are you a robot?": "I am an AI assistant. I can see, hear, draw, animate and make sounds.",
     "good morning": "Good morning! What shall I make today?",
+    "hiya": "Hi! What would you like me to draw, play or animate?",
 }
 CREATE_KEYS = {  # which attributes a create request names (colour+shape / pitch+timbre / +direction always)
     "image": (("colour", "shape"), ("size", "colour", "shape"), ("colour", "shape", "position"), ("size", "colour", "shape", "position")),
@@ -269,35 +277,38 @@ class Writer:
         self.exchange("chat", q, CHAT_REPLY[key])
 
     def edit(self, item: Item | None = None, refer: str | None = None) -> Item:
-        """Change one attribute of `item` (default: the last output) into a new output."""
+        """Change one attribute of `item` (default: the last output) into a new output; sometimes two
+        at once ("make it blue and bigger")."""
         item = item or self.last_output()
         spec, keys = item.spec, item.keys
-        if isinstance(spec, ImageSpec):
-            what = self.pick(("colour", "colour", "shape", "shape", "size", "position"))
-        elif isinstance(spec, VideoSpec):
-            what = self.pick(("colour", "shape", "direction", "direction"))
-        else:
-            what = self.pick(("pitch", "pitch", "timbre"))
-        if refer is not None:
-            what = "colour"
-        values = {"colour": tuple(COLOURS), "shape": SHAPES, "size": tuple(SIZES), "position": POSITIONS,
-                  "direction": DIRECTIONS, "pitch": tuple(PITCHES), "timbre": TIMBRES}[what]  # fmt: skip
-        x = self.other(values, getattr(spec, what))
-        new = replace(spec, **{what: x})
-        new_keys = keys if what in keys else tuple(k for k in ("size", "colour", "shape", "position") if k in keys or k == what)
+        options = {ImageSpec: ("colour", "colour", "shape", "shape", "size", "position"),
+                   VideoSpec: ("colour", "shape", "direction", "direction"), AudioSpec: ("pitch", "pitch", "timbre")}[type(spec)]  # fmt: skip
+        what = "colour" if refer is not None else self.pick(options)
+        whats = [what]
+        if refer is None and self.rng.random() < 0.15:
+            whats.append(self.other(sorted(set(options)), what))
+        new, new_keys = spec, keys
+        for w in whats:
+            values = {"colour": tuple(COLOURS), "shape": SHAPES, "size": tuple(SIZES), "position": POSITIONS,
+                      "direction": DIRECTIONS, "pitch": tuple(PITCHES), "timbre": TIMBRES}[w]  # fmt: skip
+            new = replace(new, **{w: self.other(values, getattr(spec, w))})
+            if w not in new_keys:
+                new_keys = tuple(k for k in ("size", "colour", "shape", "position") if k in new_keys or k == w)
+        x = getattr(new, what)
         if refer is not None:
             request = self.say("refer", r=refer, x=x)
+        elif len(whats) == 2:
+            request = self.say("edit.two", x=_change_words(whats[0], new), y=_change_words(whats[1], new))
         elif what == "size":
             request = self.say(f"edit.size.{x}")
         elif what == "pitch" and self.rng.random() < 0.4 and abs(PITCH_ORDER.index(x) - PITCH_ORDER.index(spec.pitch)) == 1:
             request = self.say("edit.pitch.up" if PITCH_ORDER.index(x) > PITCH_ORDER.index(spec.pitch) else "edit.pitch.down")
         else:
-            request = self.say(f"edit.{what}", x=x)
+            request = self.say(f"edit.{what}", x=x, r=_referent(item))
         out = Item(new, new_keys, True)
-        d = {"colour": x, "shape": f"a {x}", "size": x, "position": f"on the {x}", "direction": f"moving {x}",
-             "pitch": f"{x}-pitched", "timbre": f"a {x}"}[what]  # fmt: skip
+        d = " and ".join(_change_words(w, new, said=True) for w in whats)
         self.exchange("refer" if refer else "edit", request, self.say("edited", user=False, d=d, c=out.words),
-                      outputs=[new], captions=[out.words], extra={"changed": what})  # fmt: skip
+                      outputs=[new], captions=[out.words], extra={"changed": whats[0] if len(whats) == 1 else whats})  # fmt: skip
         self.items.append(out)
         return out
 
@@ -388,6 +399,16 @@ class Writer:
 
     def last_visual(self) -> Item:
         return next(it for it in reversed(self.items) if it.output and it.spec.modality != "audio")
+
+
+def _change_words(what: str, spec: Spec, said: bool = False) -> str:
+    """How a request (or, `said`, a reply) names the new value of one attribute: "blue", "a triangle",
+    "bigger" / "large", "on the left", "moving up", "high-pitched", "a buzz"."""
+    x = getattr(spec, what)
+    if what == "size":
+        return x if said else {"large": "bigger", "small": "smaller"}[x]
+    return {"colour": x, "shape": f"a {x}", "position": f"on the {x}", "direction": f"moving {x}",
+            "pitch": f"{x}-pitched", "timbre": f"a {x}"}[what]  # fmt: skip
 
 
 def _all_keys(spec: Spec) -> tuple[str, ...]:
