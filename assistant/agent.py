@@ -13,6 +13,7 @@ whoever generates: the model and the decoders are not safe for concurrent use.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from nextgpt.config import Settings
+from tools.base import ContentWithheld
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class ToolFailure:
     modality: str
     tool: str
     error: str
+    withheld: bool = False  # the decoder's safety checker flagged the output; `error` says so
 
 
 @dataclass
@@ -103,6 +106,19 @@ class Assistant:
         self._model = None
         self._tools = None
         self.lock = threading.Lock()  # held while generating: one reply at a time
+        self._decoder_options = threading.local()  # .value: this thread's `decoder_options`
+
+    @contextlib.contextmanager
+    def decoder_options(self, **options):
+        """Decoder keywords for the turns this thread runs inside the block, e.g.
+        `safety_checker=False` — how a front end applies a per-caller setting (a Discord server's)
+        through `Chat`. None values are left out (the profile's setting holds)."""
+        previous = getattr(self._decoder_options, "value", {})
+        self._decoder_options.value = {**previous, **{k: v for k, v in options.items() if v is not None}}
+        try:
+            yield
+        finally:
+            self._decoder_options.value = previous
 
     @property
     def model(self):
@@ -168,6 +184,7 @@ class Assistant:
             seed=seed,
             on_text=on_text,
             cache=cache,
+            stop=stop or (),
         )
         media, failures = [], []
         t0 = time.perf_counter()
@@ -181,9 +198,13 @@ class Assistant:
                     steps=steps,
                     guidance=guidance,
                     callback=callback,
+                    **getattr(self._decoder_options, "value", {}),
                 )
             except Cancelled:
                 raise
+            except ContentWithheld as e:  # the safety checker flagged it: said in the reply, not an error
+                log.info("%s", e)
+                failures.append(ToolFailure(signal.modality, type(tool).__name__, str(e), withheld=True))
             except Exception as e:  # the text reply survives any decoder failure
                 log.exception("decoder %s failed", signal.modality)
                 failures.append(ToolFailure(signal.modality, type(tool).__name__, f"{type(e).__name__}: {e}"))

@@ -137,7 +137,8 @@ class Chat:
         self.staged.append((modality, Path(path)))
         return modality
 
-    def send(self, text: str, *, want=(), on_text=None, on_progress=None) -> AssistantReply:
+    def send(self, text: str, *, want=(), on_text=None, on_progress=None, stop=None, check=None) -> AssistantReply:
+        """Save the user's turn, then answer it. `stop` / `check`: as `Assistant.respond` (API callers)."""
         if not text.strip() and not self.staged:
             raise ValueError("empty message: type something or /attach a file")
         media = [MediaIn(path=p, direction="in", modality=m, mime=self._mime(p, m)) for m, p in self.staged]
@@ -145,7 +146,7 @@ class Chat:
         if self.session.title is None:
             self.session = self.memory.rename_session(self.session.id, text.strip()[:60] or "(media)")
         self.staged = []
-        return self._reply(want=list(want), on_text=on_text, on_progress=on_progress)
+        return self._reply(want=list(want), on_text=on_text, on_progress=on_progress, stop=stop, check=check)
 
     def regenerate(self, *, reseed: bool = False, on_text=None, on_progress=None) -> AssistantReply:
         """Drop the last reply and answer the last user turn again (with a new seed if `reseed`)."""
@@ -161,7 +162,7 @@ class Chat:
             self.memory.delete_last_turns(self.session.id, 1)
         return self._reply(want=want, on_text=on_text, on_progress=on_progress)
 
-    def _reply(self, *, want, on_text, on_progress) -> AssistantReply:
+    def _reply(self, *, want, on_text, on_progress, stop=None, check=None) -> AssistantReply:
         s = self.settings
         messages = self.context(self.memory.turns(self.session.id))
         if self.use_cache and self.cache is None:
@@ -171,7 +172,7 @@ class Chat:
         reply = self.assistant.respond(
             messages, want=want, seed=s.seed, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
             top_p=s.top_p, steps=s.steps, guidance=s.guidance, on_text=on_text, on_progress=on_progress,
-            cache=self.cache if self.use_cache else None,
+            cache=self.cache if self.use_cache else None, stop=stop, check=check,
         )
         gen = self.assistant.profile.generation
         profile = self.assistant.profile

@@ -428,12 +428,6 @@ def cmd_replay(args) -> int:
     return replay(memory, session.id)
 
 
-def cmd_doctor(args) -> int:
-    settings = _settings(args)
-    name = settings.profile_name(args.profile)
-    profile = settings.profile(name)
-    import torch
-
 def cmd_repair(settings) -> int:
     from bots.repair import repair
 
@@ -447,10 +441,16 @@ def cmd_repair(settings) -> int:
     return 1 if r.damaged else 0
 
 
-    from nextgpt.devices import resolve_device
-    from nextgpt.doctor import component_status
+def cmd_doctor(args) -> int:
+    settings = _settings(args)
     if args.repair:
         return cmd_repair(settings)
+    name = settings.profile_name(args.profile)
+    profile = settings.profile(name)
+    import torch
+
+    from nextgpt.devices import resolve_device
+    from nextgpt.doctor import component_status
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
@@ -464,14 +464,27 @@ def cmd_repair(settings) -> int:
     return 1 if problems else 0
 
 
+CONVERT_PROFILE = "nextgpt-7b"  # the only released weights are the 7B stack's
+
+
 def cmd_convert(args) -> int:
     settings = _settings(args)
     from nextgpt.checkpoint import CheckpointError
-    from nextgpt.doctor import convert_for_profile
+    from nextgpt.config import ConfigError
+    from nextgpt.doctor import check_official, convert_for_profile
 
     try:
-        out = convert_for_profile(settings, args.profile or "nextgpt-7b", Path(args.src), Path(args.dst), overwrite=args.overwrite)
-    except (CheckpointError, FileNotFoundError) as e:
+        if args.check:  # only reads: what the file holds and which profiles it fits
+            if args.dst is not None:
+                raise UserError("--check only reads: give SRC alone")
+            lines, fits = check_official(settings, Path(args.src))
+            print("\n".join(lines))
+            return 0 if fits else 1
+        if args.dst is None:
+            raise UserError("give the output folder DST (or --check to only inspect SRC)")
+        name = settings.profile_name(args.profile or CONVERT_PROFILE)
+        out = convert_for_profile(settings, name, Path(args.src), Path(args.dst), overwrite=args.overwrite)
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
     print(f"wrote {out}")
     return 0
@@ -482,9 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="config.yaml to use (default: ./config.yaml, then the bundled one)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name, func, help):
+    def add(name, func, help, profile_help="profile from config.yaml (default: its default_profile)"):
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--profile", "-p", help="profile from config.yaml (default: its default_profile)")
+        p.add_argument("--profile", "-p", help=profile_help)
         p.set_defaults(func=func)
         return p
 
@@ -543,10 +556,14 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--repair", action="store_true",
                         help="remove orphan outputs, unreferenced blobs and stale temp folders; list sessions with missing media")  # fmt: skip
 
-    convert = add("convert", cmd_convert, "convert the released NExT-GPT pytorch_model.pt into a nextgpt checkpoint")
+    convert = add("convert", cmd_convert, "convert the released NExT-GPT pytorch_model.pt into a nextgpt checkpoint",
+                  profile_help=f"the profile whose LLM, encoder and projector sizes the file must have "
+                               f"(default: {CONVERT_PROFILE}, the released weights' stack)")  # fmt: skip
     convert.add_argument("src", help="pytorch_model.pt (or the folder holding it)")
-    convert.add_argument("dst", help="output folder (set it as the profile's `checkpoint`)")
+    convert.add_argument("dst", nargs="?", help="output folder (set it as the profile's `checkpoint`)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    convert.add_argument("--check", action="store_true",
+                         help="only read SRC and report its keys, shapes, dtype, LoRA rank and which profiles it fits")  # fmt: skip
     return parser
 
 

@@ -54,7 +54,9 @@ from pathlib import Path
 
 PROG = "python -m bots.train_small"
 STATE_FILE = "state.json"
-TRAIN_SEEDS = {"pairs": 1, "dialogs": 2, "refit_dialogs": 4, "conversations": 5}  # bots.evaluate uses 12345: never a training sample
+TRAIN_SEEDS = {"pairs": 1, "dialogs": 2, "refit_dialogs": 4, "conversations": 5, "emphasis": 6}
+# stage 5's conversations: every scenario, "multi" (two or three outputs in one reply) four times as often
+EMPHASIS = ("multi", "multi", "multi", "edit", "convert", "refer", "multi", "chat-create", "recall", "ask", "attach")  # bots.evaluate uses 12345: never a training sample
 
 
 @dataclass
@@ -77,11 +79,12 @@ class Plan:
     lora_r: int = 8
     lora_alpha: float = 16.0
     conversations: int = 0  # stage 4 (multi-turn conversations)
+    emphasis: int = 0  # stage 5 (conversations weighted to several outputs in one reply)
 
 
 STAGE_NAMES = {1: "encoding-side alignment (pairs)", 2: "decoding-side alignment (captions)", 3: "instruction tuning (dialogs, LoRA)",
-               4: "conversation tuning (multi-turn, LoRA continued)"}  # fmt: skip
-LLM_STAGES = (1, 2, 3, 4)
+               4: "conversation tuning (multi-turn, LoRA continued)", 5: "several outputs in one reply (conversations, LoRA continued)"}  # fmt: skip
+LLM_STAGES = (1, 2, 3, 4, 5)
 
 
 FULL = Plan(
@@ -98,8 +101,13 @@ FULL = Plan(
         3: StagePlan(steps=240, batch_size=8, lr=1e-3, max_length=320, save_every=20, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
         # stage 3 continued on conversations (+ the varied single requests, so those stay): the LM loss only, as stage 3
         4: StagePlan(steps=200, batch_size=8, lr=5e-4, max_length=448, save_every=20, warmup=10, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
+        # after stage 4 a reply asked for two outputs ended after the first group (P(EOS) 0.85-0.98 where the second
+        # group's first token belonged: every single-output reply teaches "EOS after a group"); a short pass on
+        # conversations where "multi" comes four times as often
+        5: StagePlan(steps=60, batch_size=8, lr=3e-4, max_length=448, save_every=20, warmup=5, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
     },
     conversations=2400,
+    emphasis=800,
 )
 SMOKE = Plan(
     pairs=4,
@@ -110,8 +118,10 @@ SMOKE = Plan(
         2: StagePlan(steps=2, batch_size=2, lr=1e-3, max_length=128, save_every=1, warmup=1),
         3: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=256, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
         4: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
+        5: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
     },
     conversations=4,
+    emphasis=4,
     lora_r=4,
     lora_alpha=8.0,
 )
@@ -132,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (also the default: finished steps are always skipped)")
     p.add_argument("--restart", action="store_true", help="start the stages over (the data is kept)")
     p.add_argument("--smoke", action="store_true", help="tiny version for CI (use with --profile tiny)")
-    p.add_argument("--stages", default="1,2,3,4", help="which stages to run (default 1,2,3,4); the others must be complete if needed")
-    p.add_argument("--steps", metavar="S1,S2,S3,S4", help="override the step counts")
-    p.add_argument("--lr", metavar="L1,L2,L3,L4", help="override the peak learning rates")
+    p.add_argument("--stages", default="1,2,3,4,5", help="which stages to run (default 1,2,3,4,5); the others must be complete if needed")
+    p.add_argument("--steps", metavar="S1,S2,S3,S4,S5", help="override the step counts")
+    p.add_argument("--lr", metavar="L1,L2,L3,L4,L5", help="override the peak learning rates")
     p.add_argument("--conversations", type=int, help="override the number of stage-4 conversations")
     p.add_argument("--pairs", type=int, help="override the pairs per modality")
     p.add_argument("--dialogs", type=int, help="override the number of dialogs")
@@ -187,6 +197,8 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
     want = {"pairs": plan.pairs, "dialogs": plan.dialogs, "varied": varied, "side": plan.side, "seeds": TRAIN_SEEDS}
     if plan.conversations:
         want["conversations"] = plan.conversations
+    if plan.emphasis:
+        want["emphasis"] = plan.emphasis
     have = state.get("data", {})
     files = {m: pairs_json_path(data / "pairs", m) for m in MODALITIES}
     files["dialogs"] = data / "dialogs" / DIALOGS_FILE
@@ -194,6 +206,8 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
         files["varied"] = data / "refit-dialogs" / DIALOGS_FILE
     if plan.conversations:
         files["conversations"] = data / "conversations" / DIALOGS_FILE
+    if plan.emphasis:
+        files["emphasis"] = data / "conversations-multi" / DIALOGS_FILE
     if have.get("spec") == want and all(f.is_file() for f in files.values()):
         _say(f"data: present ({plan.pairs} pairs per modality, {plan.dialogs} dialogs, {varied} refit dialogs)")
         return files
@@ -214,6 +228,11 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
         sampled = sample_conversations(plan.conversations, TRAIN_SEEDS["conversations"])
         write_records(files["conversations"].parent, sampled, plan.side, outputs=False)
         _say(f"data: {plan.conversations} multi-turn conversations ({time.perf_counter() - t:.0f} s)")
+    if plan.emphasis:
+        t = time.perf_counter()
+        sampled = sample_conversations(plan.emphasis, TRAIN_SEEDS["emphasis"], scenarios=EMPHASIS)
+        write_records(files["emphasis"].parent, sampled, plan.side, outputs=False)
+        _say(f"data: {plan.emphasis} conversations weighted to several outputs ({time.perf_counter() - t:.0f} s)")
     state["data"] = {"spec": want, "seconds": round(time.perf_counter() - t0, 1)}
     _save_state(work, state)
     return files
@@ -285,8 +304,10 @@ def run_stage(stage: int, work: Path, plan: Plan, files: dict[str, Path], args, 
         data = [str(files[m]) for m in MODALITIES]
     elif stage == 3:
         data = [str(files["dialogs"])]
-    else:  # 4: conversations + the single requests in users' wording (so those are not forgotten)
+    elif stage == 4:  # conversations + the single requests in users' wording (so those are not forgotten)
         data = [str(files["conversations"])] + ([str(files["varied"])] if "varied" in files else [])
+    else:  # 5
+        data = [str(files["emphasis"])]
     init = "none" if stage == 1 else str(work / f"stage{stage - 1}")
     argv = ["--stage", str(min(stage, 3)), "--profile", args.profile]  # stage 4 is stage 3's training on other data
     for d in data:
@@ -705,6 +726,8 @@ def _plan(args) -> Plan:
         plan.conversations = args.conversations
     if not plan.conversations:
         plan.stages.pop(4, None)
+    if not plan.conversations or not plan.emphasis:
+        plan.stages.pop(5, None)
     return plan
 
 

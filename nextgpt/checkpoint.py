@@ -159,7 +159,7 @@ def official_layout(
     """Key -> shape of the released `pytorch_model.pt` for this LLM / encoder / projector setup.
 
     `llm_config` is a transformers config (hidden_size, num_hidden_layers, num_attention_heads,
-    num_key_value_heads, head_dim, vocab_size). Its `vocab_size` must be the RESIZED vocabulary,
+    num_key_value_heads, head_dim, vocab_size), or the dims dict `describe_official` reads from a file. Its `vocab_size` must be the RESIZED vocabulary,
     i.e. the number of embedding rows in the file: base vocab + 38 new tokens (32000 + 38 = 32038
     for Vicuna-7B v0). A stock Vicuna `config.json` says 32000: set `vocab_size` to
     `len(tokenizer)` after adding `nextgpt.tokens.NEW_TOKENS` before calling this.
@@ -167,7 +167,7 @@ def official_layout(
     LoRA keys use the `lora_A.weight` / `lora_B.weight` spelling (no `.default.` segment);
     `lora_rank` is usually inferred from the file (`convert_official` does that).
     """
-    d = _llm_dims(llm_config)
+    d = dict(llm_config) if isinstance(llm_config, Mapping) else _llm_dims(llm_config)
     hidden, r = d["hidden"], int(lora_rank)
     layout: dict[str, tuple[int, ...]] = {
         OFFICIAL_INPUT_PREFIX + "weight": (hidden, int(encoder_dim)),
@@ -301,6 +301,64 @@ def _vocab_hint(state_dict: Mapping[str, Tensor], vocab: int) -> str:
         f"be the resized vocabulary (base vocab + {len(NEW_TOKENS)} new tokens); a different row count "
         f"(e.g. 32042 vs 32038) means the checkpoint was made with another tokenizer."
     )
+
+
+def describe_official(state_dict: Mapping[str, Tensor]) -> dict:
+    """What a file in the official layout says about the model it was made for, read from its
+    shapes alone (`nextgpt convert --check`): `llm` dims (as `_llm_dims`; None where a key is
+    missing), `encoder_dim`, `lora_rank`, per-modality projector sizes, dtypes, and the keys that
+    belong to no known group. Raises nothing for an odd file: what cannot be read is None."""
+    sd = normalise_keys(state_dict)
+
+    def shape(key: str, dim: int) -> int | None:
+        t = sd.get(key)
+        return int(t.shape[dim]) if t is not None and t.dim() > dim else None
+
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"llama_model\.base_model\.model\.model\.layers\.(\d+)\.", k))}
+    try:
+        rank = infer_lora_rank(sd)
+    except CheckpointError:
+        rank = None
+    projectors = {}
+    for modality, prefix in OFFICIAL_PROJECTOR_PREFIX.items():
+        keys = [k for k in sd if k.startswith(prefix)]
+        if not keys:
+            continue
+
+        def count(stack: str) -> int:  # transformer layers: tfm.encoder.layers.{i}.* / tfm.decoder.layers.{i}.*
+            return len({m.group(1) for k in keys if (m := re.match(re.escape(prefix) + rf"tfm\.{stack}\.layers\.(\d+)\.", k))})
+
+        projectors[modality] = {
+            "llm_hidden": shape(prefix + "fc.weight", 1),
+            "d_model": shape(prefix + "fc.weight", 0),
+            "num_queries": shape(prefix + "query_embs", 1),
+            "out_dim": shape(prefix + "model.weight", 0),
+            "num_encoder_layers": count("encoder"),
+            "num_decoder_layers": count("decoder"),
+            "dim_feedforward": shape(prefix + "tfm.encoder.layers.0.linear1.weight", 0),
+            "keys": len(keys),
+        }
+    known = [OFFICIAL_INPUT_PREFIX, *OFFICIAL_PROJECTOR_PREFIX.values()]
+    other = [k for k in sd if not k.startswith(tuple(known)) and k not in (OFFICIAL_EMBED, OFFICIAL_LM_HEAD)
+             and not (k.startswith(OFFICIAL_LLM_PREFIX) and ".lora_" in k)]  # fmt: skip
+    return {
+        "tensors": len(sd),
+        "parameters": sum(t.numel() for t in sd.values()),
+        "bytes": sum(t.numel() * t.element_size() for t in sd.values()),
+        "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in sd.values())),
+        "encoder_dim": shape(OFFICIAL_INPUT_PREFIX + "weight", 1),
+        "llm": {
+            "hidden": shape(OFFICIAL_INPUT_PREFIX + "weight", 0),
+            "layers": len(layers) or None,
+            "vocab": shape(OFFICIAL_EMBED, 0),
+            "q_out": shape(OFFICIAL_LAYER.format(i=0, proj="q_proj", ab="B"), 0),  # lora_B: [out, r]
+            "kv_out": shape(OFFICIAL_LAYER.format(i=0, proj="k_proj", ab="B"), 0),
+        },
+        "lora_rank": rank,
+        "lora_keys": sum(1 for k in sd if ".lora_" in k),
+        "projectors": projectors,
+        "other_keys": sorted(other),
+    }
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ class LLMConfig(_Strict):
     system_prompt: str | None = None
     device: Device = "auto"
     dtype: DType = "float32"
+    backend: Literal["transformers", "llama_cpp"] = Field(
+        "transformers", description="who runs the LLM: transformers, or llama.cpp on a GGUF source (nextgpt/llama_backend.py)")
 
 
 class EncoderConfig(_Strict):
@@ -78,6 +80,9 @@ class DecoderConfig(_Strict):
     fps: int = Field(8, ge=1)
     seconds: float | None = Field(None, gt=0)
     offload: bool = Field(False, description="move the pipeline to CPU between uses")
+    safety_checker: bool = Field(
+        True, description="run the pipeline's safety checker where it ships one (Stable Diffusion): a flagged image is "
+        "withheld and the reply says so; pipelines without one (video, audio, tiny, small) need nothing")
 
     @field_validator("height", "width")
     @classmethod
@@ -172,6 +177,13 @@ def config_path(path: str | os.PathLike | None = None) -> Path:
 
 
 def _format_error(path: Path, err: ValidationError, prefix: str = "") -> str:
+    """One line per problem, unknown keys first: a misspelt key (`defualt_profile`) is named, with
+    the key it probably meant, instead of only "default_profile: Field required"."""
+    import difflib
+
+    errors = err.errors()
+    missing = {tuple(e["loc"]) for e in errors if e["type"] == "missing"}
+    meant = set()
     lines = []
     for e in sorted(errors, key=lambda e: e["type"] != "extra_forbidden"):
         loc = tuple(e["loc"])

@@ -188,6 +188,10 @@ class NextGPT(nn.Module):
     # ------------------------------------------------------------------ building
     @classmethod
     def from_profile(cls, profile: Profile, cache_dir: Path) -> "NextGPT":
+        if profile.llm.backend == "llama_cpp":  # llama.cpp runs the LLM: nextgpt/llama_backend.py
+            from nextgpt.llama_backend import LlamaCppNextGPT
+
+            return LlamaCppNextGPT.from_profile(profile, cache_dir)
         from nextgpt.checkpoint import apply_checkpoint, load_checkpoint
         from nextgpt.encoder import MediaEncoder
 
@@ -238,19 +242,18 @@ class NextGPT(nn.Module):
         slots — and one key per position (the token id, or a digest of the media embedding), which
         `PromptCache` compares to reuse the key/value cache of an unchanged prefix."""
         messages = escape.neutralise_messages(messages, self.markers)  # typed markers stay text
-        prompt = templates.render(self.template, self.tokenizer, messages, self.system_prompt)
-        ids = self.tokenizer(prompt, add_special_tokens=self.template == "vicuna_v0", return_tensors="pt")["input_ids"][0]
+        ids = torch.tensor(templates.encode(self.template, self.tokenizer, messages, self.system_prompt), dtype=torch.long)
         embed = self.llm.get_input_embeddings()
         media = [item for m in messages for item in m.media]
         keys: list = ids.tolist()
         pairs = zip(keys, keys[1:])  # on Python ints: indexing the tensor one element at a time cost ms per turn
         slots = [i + 1 for i, pair in enumerate(pairs) if pair == (self.media_start_id, self.media_end_id)]
         if len(slots) != len(media):  # the template writes one slot per item; text can no longer add any
+            raise ValueError(f"prompt has {len(slots)} media slots for {len(media)} media items")
         limit = getattr(self.llm.config.get_text_config(), "max_position_embeddings", None)
         if limit and len(keys) + len(media) > limit:  # refused before the prefill, the expensive step
             raise BudgetExceeded(f"prompt too long ({len(keys) + len(media)} tokens, limit max_prompt_tokens = {limit}, "
                                  "the model's max_position_embeddings)")  # fmt: skip
-            raise ValueError(f"prompt has {len(slots)} media slots for {len(media)} media items")
         token_embeds = embed(ids.to(self.device))
         if not media:
             return token_embeds[None], keys
@@ -280,6 +283,7 @@ class NextGPT(nn.Module):
         allow_media: bool = True,
         on_text: Callable[[str], None] | None = None,
         cache: PromptCache | None = None,
+        stop: Iterable[str] = (),
     ) -> Reply:
         """Sample a reply. When a modality's first signal token is sampled, its remaining N−1 tokens
         are forced (the official code asserted and crashed when the sampler strayed). Modalities in
@@ -289,9 +293,13 @@ class NextGPT(nn.Module):
         `cache`: a conversation's PromptCache. The key/value cache of the longest prefix this
         prompt shares with the previous call's prompt + reply is reused, so a turn costs the new
         tokens only, not the whole history (regenerate, edits and truncation change the prefix
-        and are recomputed from the first differing position)."""
+        and are recomputed from the first differing position).
+
+        `stop`: more strings that end the reply, besides the template's (an API caller's `stop`); the
+        reply ends as soon as one is generated, not after max_new_tokens."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        stops = self.stop_strings + [s for s in stop if s and s not in self.stop_strings]
         want = [m for m in dict.fromkeys(want)]
         for m in want:
             if m not in MODALITIES:
@@ -364,7 +372,7 @@ class NextGPT(nn.Module):
                 continue
             if not forced and next_id not in self.all_signal_ids:
                 text = self._text(ids)
-                stop_at = self._stop_index(text)
+                stop_at = self._stop_index(text, stops)
                 if stop_at is not None:
                     # cut the stop string off the tokens and the cache; wanted media may still follow
                     keep = self._tokens_before(ids, stop_at)
@@ -380,7 +388,7 @@ class NextGPT(nn.Module):
                     forced = [first] + list(self.signal_ids[missing[0]][1:])
                     continue
                 if on_text is not None:
-                    safe = len(text) - max((len(s) for s in self.stop_strings), default=1) + 1
+                    safe = len(text) - max((len(s) for s in stops), default=1) + 1
                     if safe > streamed and not text[:safe].endswith("\ufffd"):  # no half UTF-8 characters
                         on_text(text[streamed:safe])
                         streamed = safe
@@ -433,8 +441,8 @@ class NextGPT(nn.Module):
         """The user-visible text: signal tokens removed."""
         return self.tokenizer.decode([i for i in ids if i not in self.all_signal_ids], skip_special_tokens=True)
 
-    def _stop_index(self, text: str) -> int | None:
-        hits = [text.find(s) for s in self.stop_strings if s in text]
+    def _stop_index(self, text: str, stops: list[str]) -> int | None:
+        hits = [text.find(s) for s in stops if s in text]
         return min(hits) if hits else None
 
     def _tokens_before(self, ids: list[int], char_index: int) -> int:

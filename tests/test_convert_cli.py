@@ -58,3 +58,52 @@ def test_convert_rejects_a_mismatched_checkpoint(official, tmp_path, capsys):
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
     assert main(["convert", "--profile", "tiny", str(tmp_path / "absent.pt"), str(tmp_path / "out")]) == 2
+
+
+def test_convert_check_only_reads_and_reports(official, tmp_path, capsys):
+    import re
+
+    src, _ = official
+    before = sorted(p.name for p in src.parent.iterdir())
+    assert main(["convert", "--check", str(src)]) == 0
+    out = capsys.readouterr().out
+    assert "rank 4" in out and "float16" in out and "embedding and lm_head" in out
+    assert re.search(r"image projector +64 → 32, transformer 1\+1 layers \(ff 64\), 8 queries × 32", out)
+    assert re.search(r"^ +tiny +fits$", out, re.M)  # its LLM is built here, so checked too
+    assert re.search(r"^ +nextgpt-7b +does not fit: .*gen_text_hidden_fcs\.0\.", out, re.M)
+    assert sorted(p.name for p in src.parent.iterdir()) == before  # nothing written
+    assert main(["convert", "--check", str(src), str(tmp_path / "out")]) == 2  # --check never writes
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_defaults_to_nextgpt_7b_and_fails_in_one_line(official, tmp_path, capsys):
+    from bots.cli import build_parser
+
+    convert = build_parser()._subparsers._group_actions[0].choices["convert"]
+    assert "default: nextgpt-7b" in " ".join(convert.format_help().split())
+    src, _ = official
+    assert main(["convert", str(src), str(tmp_path / "out")]) == 2  # no --profile: nextgpt-7b, whose Vicuna is not here
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "nextgpt-7b" in err and "vicuna_ckpt/7b_v0 does not exist" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_names_the_profile_a_file_fits(official, tmp_path, capsys):
+    import yaml
+
+    from nextgpt.config import REPO_CONFIG
+
+    raw = yaml.safe_load(REPO_CONFIG.read_text())
+    tiny = raw["profiles"]["tiny"]
+    wide = copy.deepcopy(tiny)
+    wide["projectors"]["image"]["num_queries"] = 9
+    raw.update(default_profile="tiny", profiles={"tiny": tiny, "tiny-wide": wide})
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    src, _ = official
+    assert main(["--config", str(config), "convert", "--profile", "tiny-wide", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "gen_text_hidden_fcs.0.query_embs: expected (1, 9, 32), got (1, 8, 32)" in err
+    assert "the file fits profile 'tiny': pass --profile tiny" in err
+    assert not (tmp_path / "out").exists()

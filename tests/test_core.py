@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from nextgpt import templates
 from nextgpt.model import MediaInput, Message
 from nextgpt.tokens import MODALITIES, NEW_TOKENS
 
@@ -92,12 +93,13 @@ def test_each_media_item_gets_its_own_slot(tiny_model, media_files):
     text_only, _ = tiny_model.build_inputs([Message("user", "compare")])
     with_two, keys = tiny_model.build_inputs([Message("user", "compare", items)])
     assert len(keys) == with_two.shape[1] and sum(isinstance(k, tuple) for k in keys) == 2
-    slot_tokens = 2 * 2 + 1  # <Img></Img> twice, then a space before the text
+    # <Img></Img> twice; the space between "Human:" and the slots is dropped (the official tokenizer
+    # stripped whitespace around added tokens; the byte-level tiny tokenizer had made it a token)
+    slot_tokens = 2 * 2 - 1
     assert with_two.shape[1] == text_only.shape[1] + slot_tokens + 2  # + one embedding per item
     projected = tiny_model.encode_media(items)
-    ids = tiny_model.tokenizer(
-        "### Human: <Img></Img><Img></Img> compare\n### Assistant: ", add_special_tokens=True
-    )["input_ids"]
+    ids = templates.encode("vicuna_v0", tiny_model.tokenizer, [Message("user", "compare", items)])
+    assert tiny_model.tokenizer.decode(ids) == "<s>### Human:<Img></Img><Img></Img>compare\n### Assistant: "
     starts = [i for i, t in enumerate(ids) if t == tiny_model.media_start_id]
     # the first slot sits right after the first <Img>; the second after the second <Img>, shifted by one
     assert torch.allclose(with_two[0, starts[0] + 1], projected[0])
@@ -114,18 +116,23 @@ def test_audio_and_video_inputs_are_encoded(tiny_model, media_files):
     assert torch.isfinite(vectors).all()
 
 
-def test_media_slot_count_must_match(tiny_model):
-    msg = Message("user", "<Img></Img> sneaky", [])
-    with pytest.raises(ValueError, match="1 media slots for 0 media items"):
-        tiny_model.build_inputs([msg])
+def test_typed_media_markers_make_no_slot(tiny_model):
+    """`<Img></Img>` typed by a user stays text: no media slot, no error, the turn works (issue 17)."""
+    embeds, keys = tiny_model.build_inputs([Message("user", "<Img></Img> sneaky", [])])
+    assert tiny_model.media_start_id not in keys and not any(isinstance(k, tuple) for k in keys)
+    assert embeds.shape[1] == len(keys)
 
 
 def test_multi_turn_context_and_vicuna_stop(tiny_model):
     from nextgpt import templates
 
     msgs = [Message("user", "hi"), Message("assistant", "hello [IMG0][IMG1][IMG2][IMG3]"), Message("user", "again")]
-    prompt = templates.render("vicuna_v0", tiny_model.tokenizer, msgs)
-    assert prompt == "### Human: hi\n### Assistant: hello [IMG0][IMG1][IMG2][IMG3]\n### Human: again\n### Assistant: "
+    assert templates.vicuna_v0_segments(msgs) == [  # the pieces the official code tokenized one by one
+        "### Human: ", "hi\n### Assistant: ", "hello [IMG0][IMG1][IMG2][IMG3]\n###", "Human: again\n### Assistant: "]  # fmt: skip
+    ids = templates.encode("vicuna_v0", tiny_model.tokenizer, msgs)
+    # byte-level tiny tokenizer: no sentencepiece "▁" at the start of each piece, so "###Human"
+    assert tiny_model.tokenizer.decode(ids) == (
+        "<s>### Human: hi\n### Assistant: hello[IMG0][IMG1][IMG2][IMG3]###Human: again\n### Assistant: ")  # fmt: skip
     ids = tiny_model.tokenizer("abc###def")["input_ids"]
     assert tiny_model._tokens_before(ids, 3) == 3  # byte-level: "abc" is 3 tokens
 
@@ -279,3 +286,16 @@ def test_repeating_tail_finds_loops_not_ordinary_repetition():
     assert repeating_tail([5] * 15) == 0  # shorter than the span
     assert repeating_tail([4, 9] * 4) == 0  # "beep beep beep beep"
     assert repeating_tail(list(range(40))) == 0
+
+
+def test_a_caller_stop_string_ends_generation_early(tiny_model):
+    """`stop` ends the reply when the string is generated, not after max_new_tokens (an API caller's stop)."""
+    tok = tiny_model.tokenizer
+    full = tiny_model.generate([Message("user", "say something")], temperature=0, max_new_tokens=30, allow_media=False)
+    pieces = [tok.decode([i]) for i in full.token_ids]
+    k = next(k for k in range(3, len(pieces)) if pieces[k].strip() and "\ufffd" not in pieces[k] and pieces[k] not in "".join(pieces[:k]))
+    stopped = tiny_model.generate([Message("user", "say something")], temperature=0, max_new_tokens=30, allow_media=False,
+                                  stop=[pieces[k]])  # fmt: skip
+    assert stopped.finish_reason == "stop"
+    assert pieces[k] not in stopped.text
+    assert len(stopped.token_ids) <= k < len(full.token_ids)

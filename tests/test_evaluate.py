@@ -111,24 +111,25 @@ def test_train_small_smoke(tmp_path, monkeypatch):
     args = ["--smoke", "--profile", "tiny", "--work", str(work), "--out", str(out), "--no-progress"]
     assert main(args) == 0
     state = json.loads((work / "state.json").read_text())
-    assert set(state["stages"]) == {"1", "2", "3", "4"}
+    assert set(state["stages"]) == {"1", "2", "3", "4", "5"}
     assert all(s["reached"] == 2 for s in state["stages"].values())
     ck = load_checkpoint(out)
     assert ck.adapter_dir is not None and ck.meta["stage"] == 3
     assert ck.meta["refit"]["plan"]["steps"] == 3 and set(ck.meta["refit"]["report"]) == {"image", "video", "audio"}
     assert ck.meta["refit"]["examples"]["varied"] > 0  # the dialogs with varied request wordings are used
     assert ck.meta["refit"]["examples"]["conversations"] > 0  # and the multi-turn conversations
-    assert ck.meta["init"].endswith("stage3")  # stage 4 continues stage 3
+    assert ck.meta["init"].endswith("stage4")  # stage 5 continues stage 4, which continues stage 3
     cached = sorted((work / "refit-states").glob("*.safetensors"))
     assert [f.name.split("-")[0] for f in cached] == ["conversations", "dialogs", "pairs", "varied"]
+    assert (work / "data" / "conversations-multi" / "dialogs.json").is_file()  # stage 5's data
     card = (out / "README.md").read_text()
     assert "| 3 | instruction tuning" in card and "| 4 | conversation tuning" in card
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     assert size < 5_000_000
     # everything complete: a second run only republishes
-    mtime = (work / "stage4" / "nextgpt.safetensors").stat().st_mtime
+    mtime = (work / "stage5" / "nextgpt.safetensors").stat().st_mtime
     assert main(args) == 0
-    assert (work / "stage4" / "nextgpt.safetensors").stat().st_mtime == mtime
+    assert (work / "stage5" / "nextgpt.safetensors").stat().st_mtime == mtime
     # another refit plan refits from the cached signal states (not recomputed) and republishes
     stamps = {f: f.stat().st_mtime_ns for f in cached}
     assert main(args + ["--refit", ",,5"]) == 0
@@ -143,7 +144,7 @@ def test_train_small_published_checkpoint_loads(tmp_path, settings):
     from nextgpt.model import Message, NextGPT
 
     work, out = tmp_path / "work", tmp_path / "ckpt"
-    assert main(["--smoke", "--profile", "tiny", "--work", str(work), "--out", str(out), "--no-progress", "--steps", "1,1,1,1"]) == 0
+    assert main(["--smoke", "--profile", "tiny", "--work", str(work), "--out", str(out), "--no-progress", "--steps", "1,1,1,1,1"]) == 0
     profile = settings.profile("tiny").model_copy(update={"checkpoint": str(out)})
     model = NextGPT.from_profile(profile, settings.cache_path)
     reply = model.generate([Message("user", "hello")], want=["image"], max_new_tokens=4, seed=0)

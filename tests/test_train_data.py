@@ -156,10 +156,12 @@ def test_only_assistant_tokens_have_labels(tiny_model, pairs_dir):
             cur = []
     spans.append(cur) if cur else None
     sig = {m: "".join(s.signal_tokens) for m, s in MODALITIES.items()}
+    # the official tokenization drops whitespace next to an added token: after a signal group the
+    # reply's `\n###` loses its newline (`[IMG3]▁###` with the official sentencepiece tokenizer)
     assert [tok.decode(s) for s in spans] == [
-        "A red circle.\n###", f"Hi! Here is a video.{sig['video']}\n###", f"{sig['audio']}{sig['image']}\n###"]  # fmt: skip
+        "A red circle.\n###", f"Hi! Here is a video.{sig['video']}###", f"{sig['audio']}{sig['image']}###"]  # fmt: skip
     text = tok.decode(ids)
-    assert "trailing question" not in text and text.count("### Human:") == 3
+    assert "trailing question" not in text and text.count("Human:") == 3
     # the media slot: <Img> [placeholder] </Img>, unlabelled
     (pos, m, p), = ex.media
     assert (m, p) == ("image", img) and labels[pos] == -100
@@ -167,14 +169,14 @@ def test_only_assistant_tokens_have_labels(tiny_model, pairs_dir):
     # signal groups point at their first token, in order, with their captions
     assert [(tok.convert_ids_to_tokens(ids[s]), m, c) for s, m, c in ex.signals] == [
         ("[VID0]", "video", "a red circle moving left"), ("[AUD0]", "audio", "a high beep"), ("[IMG0]", "image", None)]  # fmt: skip
-    # the context is what generate() would see: the template's own rendering of the history
+    # the context is what generate() would see: the template's own token ids for the history
     from nextgpt import templates
     from nextgpt.model import MediaInput, Message
 
     history = [Message("user", "What is this?", [MediaInput("image", path=img)]), Message("assistant", "A red circle."),
                Message("user", "Hello")]  # fmt: skip
-    prompt = templates.render("vicuna_v0", tok, history)
-    assert text.startswith(prompt.replace("<Img></Img>", "<Img></s></Img>"))
+    prompt = templates.encode("vicuna_v0", tok, history)
+    assert (ids[:pos] + ids[pos + 1 :])[: len(prompt)] == prompt  # the media placeholder taken out
 
 
 def test_chat_template_replies_end_with_eos(tiny_model):

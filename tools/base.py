@@ -52,6 +52,16 @@ class MediaOutput:
     guidance: float | None = None
 
 
+class ContentWithheld(Exception):
+    """The pipeline's safety checker flagged what a call rendered: nothing of that call is written.
+    `rows`: the flagged batch rows (a batch's other rows can be rendered again on their own)."""
+
+    def __init__(self, modality: str, rows: list[int]):
+        self.modality, self.rows = modality, list(rows)
+        which = "" if rows == [0] else f" (batch rows {', '.join(map(str, rows))})"
+        super().__init__(f"the {modality} was withheld: the decoder's safety checker flagged it as not safe for work{which}")
+
+
 # --------------------------------------------------------------------------------------------------
 # files
 
@@ -211,7 +221,7 @@ class DecoderTool:
             torch_device, dtype = resolve(self.cfg.device, self.cfg.dtype)
             device = str(torch_device)
             cls = self.pipeline_class()
-            kwargs: dict[str, Any] = dict(self.load_kwargs)
+            kwargs: dict[str, Any] = self._load_kwargs()
             if self.cfg.source == "tiny":
                 source: str | Path = self._ensure_tiny()
             else:
@@ -227,11 +237,18 @@ class DecoderTool:
             pipe.set_progress_bar_config(disable=True)
             # an offloading tool waits on the CPU until its first call
             pipe.to("cpu" if self.cfg.offload else device)
+            self._loaded(pipe)
             self.device, self.dtype = device, dtype
             self._pipe = pipe
             self.offloaded = bool(self.cfg.offload)
             self.load_count += 1
             return pipe
+
+    def _load_kwargs(self) -> dict[str, Any]:
+        return dict(self.load_kwargs)
+
+    def _loaded(self, pipe) -> None:
+        """Called once the pipeline is loaded (and placed)."""
 
     def to_cpu(self) -> None:
         """Move the pipeline to the CPU (it goes back to its device on the next call)."""
@@ -355,6 +372,7 @@ class DecoderTool:
         steps: int | None = None,
         guidance: float | None = None,
         callback: ProgressCallback | None = None,
+        safety_checker: bool | None = None,
         **size_overrides,
     ) -> list[MediaOutput]:
         """Render one file per batch row of `prompt_embeds`.
@@ -368,6 +386,10 @@ class DecoderTool:
         row gets its own generator, so row i renders as `prompt_embeds[i:i+1]` alone with
         `seed=seed[i]` would (up to float32 rounding, when `rows_independent`); each output reports
         its own seed. This is how several requests share one decoder call.
+
+        `safety_checker`: run the pipeline's safety checker on this call (None: the config's
+        `safety_checker`); a pipeline that ships none has nothing to run. When it flags a row,
+        `ContentWithheld` is raised and nothing of the call is written.
         """
         import torch
 
@@ -410,6 +432,10 @@ class DecoderTool:
                         sizes=sizes,
                         progress=self._progress_kwargs(pipe, callback),
                     )
+                    check = self.cfg.safety_checker if safety_checker is None else bool(safety_checker)
+                    unsafe = self._unsafe_rows(rows) if check else []
+                if unsafe:
+                    raise ContentWithheld(self.modality, unsafe)
             finally:
                 if self.cfg.offload:
                     self.to_cpu()
@@ -421,6 +447,10 @@ class DecoderTool:
 
     def _resolve_sizes(self, sizes: dict[str, Any]) -> dict[str, Any]:
         return sizes
+
+    def _unsafe_rows(self, rows) -> list[int]:
+        """Indices of the rendered rows the pipeline's safety checker flags (none: no checker)."""
+        return []
 
     def _generate(self, pipe, embeds, negative, *, generator, steps, guidance, sizes, progress) -> list:
         raise NotImplementedError

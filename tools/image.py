@@ -21,6 +21,11 @@ class ImageTool(DecoderTool):
     """`prompt_embeds` (B, Q, D) — CLIP text-encoder states, (1, 77, 768) for SD 1.5 — → PNGs.
 
     Size overrides: `height`, `width` (multiples of 8; default from the config, else the UNet's).
+
+    Safety: a pipeline that ships a safety checker (SD 1.5 does) keeps it unless the config says
+    `safety_checker: false` (then it is not even loaded). The tool takes it out of the pipeline
+    and runs it itself after each call (`_unsafe_rows`), so that one call can skip it (a Discord
+    server that turned it off) and a flagged image is withheld rather than written black.
     """
 
     modality = "image"
@@ -28,7 +33,38 @@ class ImageTool(DecoderTool):
     extension = "png"
     mime = "image/png"
     size_keys = ("height", "width")
-    load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    safety_checker = None  # the pipeline's StableDiffusionSafetyChecker, when it ships one
+    feature_extractor = None  # its CLIPImageProcessor
+
+    def _load_kwargs(self) -> dict[str, Any]:
+        return {} if self.cfg.safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+
+    def _loaded(self, pipe) -> None:
+        self.safety_checker = getattr(pipe, "safety_checker", None)
+        self.feature_extractor = getattr(pipe, "feature_extractor", None)
+        if self.safety_checker is not None:
+            if self.feature_extractor is None:
+                raise ValueError(f"{self.cfg.source}: the pipeline has a safety checker but no feature_extractor to feed it")
+            pipe.safety_checker = None  # run by _unsafe_rows, per call
+
+    def _unsafe_rows(self, rows) -> list[int]:
+        import numpy as np
+        import torch
+        from diffusers.image_processor import VaeImageProcessor
+
+        if self.safety_checker is None:
+            return []
+        images = np.stack(rows).astype(np.float32)  # (B, H, W, 3) in [0, 1]
+        device = self._pipe.unet.device
+        checker = self.safety_checker.to(device)
+        try:
+            clip = self.feature_extractor(VaeImageProcessor.numpy_to_pil(images), return_tensors="pt").pixel_values
+            with torch.inference_mode():
+                _, flags = checker(images=images.copy(), clip_input=clip.to(device, checker.dtype))
+        finally:
+            if self.cfg.offload:
+                checker.to("cpu")
+        return [i for i, flagged in enumerate(flags) if flagged]
 
     def _embed_dim(self, pipe) -> int:
         return int(pipe.unet.config.cross_attention_dim)

@@ -34,7 +34,7 @@ from discord import app_commands
 from bots.discord import redact
 from bots.discord.batch import DecoderBatcher
 from bots.discord.config import DiscordConfig
-from bots.discord.engine import SETTING_NAMES, Engine, TurnResult
+from bots.discord.engine import SERVER_SETTING_NAMES, Engine, TurnResult
 from bots.discord.media import Fitted, fit_media, human_size
 from bots.discord.queue import FairQueue, Job, JobCancelled, QueueRejected, Worker
 from bots.discord.store import Store
@@ -61,6 +61,18 @@ class AttachmentRejected(Exception):
 
 def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: max(0, n - 1)] + "…"
+
+
+def _on_off(value: str) -> bool | None:
+    """`/settings safety_checker VALUE`: on / off (or true / false, yes / no), or default (None)."""
+    v = value.strip().lower()
+    if v in ("default", "none", "auto"):
+        return None
+    if v in ("on", "true", "yes", "1"):
+        return True
+    if v in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"safety_checker takes on, off or default, not {value!r}")
 
 
 def _one_line(text: str) -> str:
@@ -364,7 +376,7 @@ class NextGPTBot(discord.Client):
         merged = dict(self.config.defaults())
         merged.update(self.store.guild_settings(guild_id))
         merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return {k: v for k, v in merged.items() if k in SETTING_NAMES}
+        return {k: v for k, v in merged.items() if k in SERVER_SETTING_NAMES}
 
     def _precheck(self, attachment: discord.Attachment) -> str | None:
         """Instant checks from the attachment's metadata (no download)."""
@@ -575,8 +587,8 @@ class NextGPTBot(discord.Client):
 
         @tree.command(name="settings", description="Server defaults for generation (Manage Server only)")
         @app_commands.describe(key="the setting to change (leave empty to see them all)",
-                               value="a number, or 'default' to clear the server's value")
-        @app_commands.choices(key=[app_commands.Choice(name=k, value=k) for k in SETTING_NAMES])
+                               value="a number (safety_checker: on or off), or 'default' to clear the server's value")
+        @app_commands.choices(key=[app_commands.Choice(name=k, value=k) for k in SERVER_SETTING_NAMES])
         @app_commands.default_permissions(manage_guild=True)
         @app_commands.guild_only()
         async def settings(interaction: discord.Interaction, key: Optional[app_commands.Choice[str]] = None,
@@ -808,17 +820,20 @@ class NextGPTBot(discord.Client):
             return await self._ephemeral(interaction, "Only members with the Manage Server permission can change these.")
         if key is None or value is None:
             current = self._settings(interaction.guild_id)
-            shown = "\n".join(f"• `{k}` = `{current.get(k, 'profile default')}`" for k in SETTING_NAMES)
+            shown = "\n".join(f"• `{k}` = `{current.get(k, 'profile default')}`" for k in SERVER_SETTING_NAMES)
             hint = "" if key is None else f"\nGive a value to set `{key}`."
             return await self._ephemeral(interaction, f"**Server defaults**\n{shown}{hint}")
         probe = ChatSettings()
         try:
-            if key == "seed" and value.lower() not in ("default", "none", "auto"):
-                value = str(parse_seed(value))
-            probe.set(key, value)
+            if key == "safety_checker":  # not a chat setting: the image decoder's safety checker, per server
+                new = _on_off(value)
+            else:
+                if key == "seed" and value.lower() not in ("default", "none", "auto"):
+                    value = str(parse_seed(value))
+                probe.set(key, value)
+                new = getattr(probe, key)
         except ValueError as e:
             return await self._ephemeral(interaction, f"⚠️ {e}")
-        new = getattr(probe, key)
         await asyncio.to_thread(self.store.set_guild_setting, interaction.guild_id, key, new)
         shown = "the profile default" if new is None else f"`{new}`"
         log.info("guild %s: %s set %s=%s", interaction.guild_id, interaction.user.id, key, new)

@@ -20,6 +20,8 @@ from assistant.session import Chat, ChatSettings
 log = logging.getLogger(__name__)
 
 SETTING_NAMES = ("seed", "steps", "guidance", "temperature", "top_p", "max_new_tokens")
+# what a server's /settings may also set: decoder options applied around its turns (Assistant.decoder_options)
+SERVER_SETTING_NAMES = SETTING_NAMES + ("safety_checker",)
 
 
 @dataclass
@@ -99,7 +101,9 @@ class Engine:
         chat = self._chat(session_id, settings)
         chat.staged = list(attachments)
         check_chat_message(chat, text)  # over the budget: a one-line notice, nothing saved
-        reply = chat.send(text, want=list(want), on_text=job.stream if job else None, on_progress=job.report if job else None)
+        with self._decoder_options(settings):
+            reply = chat.send(text, want=list(want), on_text=job.stream if job else None,
+                              on_progress=job.report if job else None)  # fmt: skip
         self._bound_caches()  # this turn grew its cache
         return self._result(chat, reply)
 
@@ -112,11 +116,17 @@ class Engine:
         merged = dict(settings or {})
         merged.update({k: previous[k] for k in ("seed", "steps", "guidance") if previous.get(k) is not None})
         chat = self._chat(session_id, merged)
-        reply = chat.regenerate(reseed=reseed, on_text=job.stream if job else None, on_progress=job.report if job else None)
+        with self._decoder_options(settings):
+            reply = chat.regenerate(reseed=reseed, on_text=job.stream if job else None,
+                                    on_progress=job.report if job else None)  # fmt: skip
         self._bound_caches()
         return self._result(chat, reply)
 
     # ------------------------------------------------------------------ internals
+    def _decoder_options(self, settings: dict | None):
+        """The server's decoder options (its `safety_checker`) for the turn run inside."""
+        return self.assistant.decoder_options(safety_checker=(settings or {}).get("safety_checker"))
+
     def _check_thread(self) -> None:
         me = threading.get_ident()
         if getattr(self._local, "delegate", False):

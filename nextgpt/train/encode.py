@@ -1,11 +1,15 @@
 """Dialogs → token ids, labels, media slots and signal-token groups; batches for the trainer.
 
-The text is rendered with the profile's own template (`nextgpt.templates.render`, exactly what
+The text is rendered with the profile's own template (`nextgpt.templates`, exactly what
 `NextGPT.generate` sees at inference): for each assistant turn, the prompt up to that turn is
 context (labels −100) and the reply is the target:
 
     vicuna_v0: `{reply}{signal tokens}\\n###`   (the official format; `###` is the stop string)
     chat:      `{reply}{signal tokens}{eos}`     (templates that close a turn with the EOS token)
+
+vicuna_v0 is tokenized as the official training code did (`templates.tokenize_vicuna`): one BOS,
+then each template piece on its own, whitespace around the added tokens dropped — so after a
+signal group the reply's stop is `[IMG3]▁###`, without the newline token, as in the released weights.
 
 Signal tokens are appended as one contiguous group per output (`[IMG0][IMG1][IMG2][IMG3]`, no
 spaces): that is what `generate` produces when it forces a group, so the hidden states the
@@ -70,29 +74,47 @@ class DialogEncoder:
     def segments(self, dialog: Dialog) -> list[tuple[str, bool, list]]:
         """[(text, trained, outputs)]: context and reply pieces whose concatenation is the rendered
         dialog (replies followed by the template's end of turn)."""
+        return [("".join(pieces), trained, outputs) for pieces, trained, outputs in self._pieces(dialog)]
+
+    def _pieces(self, dialog: Dialog) -> list[tuple[list[str], bool, list]]:
+        """As `segments`, each text split into the pieces that are tokenized one by one (vicuna_v0:
+        the official code's pieces, `templates.vicuna_v0_segments`; chat: one piece)."""
         from nextgpt.model import MediaInput, Message
 
         msgs: list = []
-        done = ""
-        out: list[tuple[str, bool, list]] = []
+        done: list[str] = []
+        out: list[tuple[list[str], bool, list]] = []
         for turn in dialog.turns:
             if turn.role == "user":
                 msgs.append(Message("user", turn.text, [MediaInput(m, path=p) for m, p in turn.media]))
                 continue
-            prompt = templates.render(self.template, self.tokenizer, msgs, self.system_prompt)
-            if not prompt.startswith(done):
+            if self.template == "vicuna_v0":
+                prompt = templates.vicuna_v0_segments(msgs, self.system_prompt)
+            else:
+                prompt = [templates.render(self.template, self.tokenizer, msgs, self.system_prompt)]
+            pieces_kept = self.template != "vicuna_v0" or prompt[: len(done)] == done
+            if not pieces_kept or not "".join(prompt).startswith("".join(done)):
                 raise TemplateError(
                     f"{dialog.source or 'dialog'}: template {self.template!r} cannot be trained on: rendering the dialog "
                     f"after a reply + {self.end!r} (the tokenizer's EOS, which ends a reply at inference) does not give "
                     f"the same text as the template's own rendering of that turn; use the vicuna_v0 template"
                 )
-            out.append((prompt[len(done) :], False, []))
+            if self.template == "vicuna_v0":
+                context = prompt[len(done) :]
+            else:
+                context = ["".join(prompt)[len("".join(done)) :]]
+            out.append((context, False, []))
             signals = "".join(tok for o in turn.outputs for tok in MODALITIES[o.modality].signal_tokens)
             content = turn.text + signals
-            out.append((content + self.end, True, list(turn.outputs)))
-            done = prompt + content + self.end
+            out.append(([content + self.end], True, list(turn.outputs)))
+            done = prompt + [content + self.end]
             msgs.append(Message("assistant", content))
         return out
+
+    def _tokenize(self, text: str) -> list[int]:
+        if self.template == "vicuna_v0":
+            return templates.tokenize_segment(self.tokenizer, text)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------ tokens
     def encode(self, dialog: Dialog) -> Example | None:
@@ -101,9 +123,11 @@ class DialogEncoder:
         labels: list[int] = []
         media_pos: list[int] = []
         signals: list[tuple[int, str, str | None]] = []
-        for k, (text, trained, outputs) in enumerate(self.segments(dialog)):
-            add_special = k == 0 and self.template == "vicuna_v0"  # as NextGPT.build_inputs: BOS first
-            seg = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        if self.template == "vicuna_v0" and self.tokenizer.bos_token_id is not None:
+            ids.append(self.tokenizer.bos_token_id)  # as templates.tokenize_vicuna: one BOS first
+            labels.append(IGNORE)
+        for pieces, trained, outputs in self._pieces(dialog):
+            seg = [t for piece in pieces for t in self._tokenize(piece)]
             if trained:
                 groups = self._groups(seg, dialog.source)
                 want = [o.modality for o in outputs]

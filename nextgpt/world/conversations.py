@@ -493,10 +493,11 @@ def sample_conversation(rng: np.random.Generator, scenario: str, wording: str = 
     return w.turns
 
 
-def sample_conversations(n: int, seed: int, *, wording: str = "train") -> list[list[dict[str, Any]]]:
-    """n training conversations, every scenario equally often; a third go on for one more exchange."""
+def sample_conversations(n: int, seed: int, *, wording: str = "train", scenarios=SCENARIOS) -> list[list[dict[str, Any]]]:
+    """n training conversations ending with the `scenarios` in turn (every scenario equally often by
+    default; name one several times to weight it); a third go on for one more exchange."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), _STREAM[wording]]))
-    return [sample_conversation(rng, SCENARIOS[i % len(SCENARIOS)], wording, follow=rng.random() < 0.33) for i in range(int(n))]
+    return [sample_conversation(rng, scenarios[i % len(scenarios)], wording, follow=rng.random() < 0.33) for i in range(int(n))]
 
 
 def sample_scenarios(scenario: str, n: int, seed: int, *, wording: str = "eval") -> list[list[dict[str, Any]]]:
