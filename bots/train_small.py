@@ -21,6 +21,9 @@ Steps (every one deterministic, every one skipped when its output is already com
    edits of the last output, "the same as a video", references to earlier turns, two or three
    modalities in one message, chit-chat, questions about earlier outputs, requests that use an
    attachment) mixed with the varied-wording single requests.
+   Stage 5 (`<work>/stage5`, from stage 4): a short pass on conversations where a reply with two or
+   three outputs comes four times as often (after stage 4 a second output was rarely emitted: every
+   single-output reply teaches "end after a signal group").
 6. refit (`<work>/refit`): the output projectors refitted on the final LLM's states at the signal
    tokens of the stage-3 dialogs, the pairs, the conversations and extra dialogs whose requests name
    the output in varied, partial wordings ("draw a blue square"; `write_dialogs(vary_captions=True)`, seed 4).
@@ -35,7 +38,9 @@ checkpoint every `save_every` steps; a stage whose final checkpoint already hold
 count is skipped, one with checkpoints is resumed (`--resume`), one without any is restarted.
 Timings and sizes accumulate in `<work>/state.json` (the model card reads them).
 
-Budget (full run, 2 CPU cores, fp32): measured ≈ 91 min — stage 1 34 min (≈ 6.8 s/step), stage 2 1 min,
+Budget (full run, 2 CPU cores, fp32): ≈ 2.4 h in all (target ≤ 3 h). Stages 4 + 5 + refit measured
+≈ 36 + 11 + 31 min on a machine shared with four other jobs (≈ 10 s a stage-4 step; state.json's
+stage-4 minutes also count an aborted first attempt); before them, measured — stage 1 34 min (≈ 6.8 s/step), stage 2 1 min,
 stage 3 30 min (≈ 7.5 s/step) on a machine shared with other jobs; refit 25.6 min (19.3 of them computing
 the signal states of 6668 examples; a later refit with other fitting settings reuses them), data 20 s;
 plus ≈ 2.5 min for `--eval 20`.
@@ -635,7 +640,7 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
                  for m, r in refit.get("report", {}).items()]  # fmt: skip
         refit_text = (
             f"Projector refit on the final LLM's signal states: {refit['dialogs']} stage-3 dialogs + {refit.get('varied', 0)} dialogs with "
-            f"varied, partial request wordings + {refit['pairs']} pairs per modality, "
+            f"varied, partial request wordings + {refit.get('conversations', 0)} multi-turn conversations + {refit['pairs']} pairs per modality, "
             f"{refit['steps']} steps × batch {refit['batch_size']}, lr {refit['lr']:g}; {refit['seconds'] / 60:.1f} min "
             f"({refit['states_seconds'] / 60:.1f} of them computing the states). Held-out L2 (per query token):\n\n"
             "| modality | groups | before | after | predicting the mean |\n|---|---|---|---|---|\n" + "\n".join(lines)
@@ -651,6 +656,10 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
                  "1–7 exchanges ending in an edit, a conversion, a reference to an earlier output, two or three modalities "
                  "at once, a request after chit-chat, a question about an earlier or the last output, or a request that uses "
                  "an attachment) + the varied-wording dialogs") if conv else ""  # fmt: skip
+    emphasis = data.get("spec", {}).get("emphasis")
+    if emphasis:
+        conv_data += (f"\n- stage 5: {emphasis} conversations (seed {TRAIN_SEEDS['emphasis']}) in which the \"multi\" scenario "
+                      "(two or three outputs in one reply) comes four times as often")  # fmt: skip
     single = eval_result.get("single", eval_result) if eval_result else None
     dialogs = eval_result.get("dialogs") if eval_result else None
     text = f"""# NExT-GPT `{profile_name}` checkpoint (shapes world)
@@ -793,6 +802,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"nothing to publish under {work}")
         stage, src = found
         info = publish(src, dst)
+        info["stage"] = stage  # the recipe's stage (the trainer records stages 4 and 5 as its stage 3)
         last = final_llm_stage(plan)
         complete = _final_step(work / f"stage{last}") is not None and _final_step(work / f"stage{last}") >= plan.stages[last].steps
         note = ("" if src == work / "refit" else "projectors NOT refitted") if complete else "PARTIAL: training not finished"
