@@ -217,7 +217,10 @@ class Chat:
                 messages.append(Message("system", t.text))
                 continue
             text = t.text if t.role == "user" else (t.token_trace or t.text)
-            items = [MediaInput(m.modality, embedding=self._embedding(m)) for m in t.media_in] if t.role == "user" else []
+            present = [m for m in t.media_in if m.path.is_file()] if t.role == "user" else []
+            if t.role == "user" and len(present) < len(t.media_in):  # a blob deleted by hand: the session goes on
+                text = f"{text} (an attachment of this message is missing)".strip()
+            items = [MediaInput(m.modality, embedding=self._embedding(m)) for m in present]
             messages.append(Message(t.role, text, items))
         start = self._truncate(messages, [t.id for t in turns])
         return messages[start:]

@@ -240,3 +240,15 @@ def test_truncation_keeps_its_cut_so_later_turns_reuse_the_cache(tiny_assistant,
             reused += 1
     assert reused >= 2, "the turns after a cut should mostly come from the cache"
     assert TRUNCATE_TO < 1
+
+
+def test_a_session_whose_attachment_file_is_gone_keeps_working(chat, media_files):
+    """A blob removed by hand (disk cleanup, a bad restore) no longer fails every later turn."""
+    chat.attach(media_files["red.png"])
+    chat.send("what is this?")
+    (snap,) = chat.history()[0].media_in
+    snap.path.unlink()
+    reply = chat.send("and now?")
+    assert reply.text is not None
+    first = chat.context(chat.history())[0]
+    assert first.media == [] and "missing" in first.text
