@@ -1,0 +1,554 @@
+"""The llama.cpp LLM backend (`llm.backend: llama_cpp`): the same NExT-GPT turn, decoded by llama.cpp.
+
+    first use:  the profile's GGUF + our checkpoint ──► cache_dir/llama_cpp/<name>-<key>/
+                    model.gguf         the GGUF with the 38 new tokens appended (token_embd, output) and
+                                       the LoRA merged into attn_q/k/v/o (those re-quantised to Q8_0);
+                                       every other tensor is copied byte for byte
+                    parts.safetensors  fp32 input embeddings (base rows + new rows), the 38 new lm_head
+                                       rows, the input projection and the output projectors
+                    tokenizer/         the tokenizer with the 38 tokens
+    every turn: prompt embeddings (media at their slots) ──llama_batch.embd──► llama.cpp
+                each generated token ──► logits + last-layer hidden state (embeddings, pooling none)
+                hidden state + the token's fp32 input embedding ──► output projector (as transformers)
+
+The reference stays `NextGPT.generate` on transformers: the merged LLM is loaded there once to build
+the GGUF (so the new rows, untying and LoRA merge are exactly what that path does), and this module's
+`generate` follows it step for step: forced signal groups, `want`, stop strings, the repetition
+guard, seeds (the same torch sampler), streaming and prefix reuse of llama.cpp's own KV cache.
+
+Faithfulness: every position is fed as an fp32 embedding (a token's row of our own matrix, as the
+transformers path feeds `inputs_embeds`), so the new tokens' input rows are never quantised; the 38
+new tokens' logits are recomputed in fp32 from the hidden state (the GGUF's output rows are Q8_0).
+The build is keyed by the GGUF file, the checkpoint's content and the projector settings: retrained
+weights rebuild it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from nextgpt.config import Profile
+from nextgpt.model import NextGPT, Reply, Signal, repeating_tail
+from nextgpt.tokens import MODALITIES, NEW_TOKENS
+
+BUILD_VERSION = 1  # bump when the files written by `_build` change
+MODEL_FILE, PARTS_FILE, TOKENIZER_DIR, META_FILE = "model.gguf", "parts.safetensors", "tokenizer", "meta.json"
+MAX_CONTEXT = 4096  # llama.cpp context (KV cache) positions; the model's own limit when smaller
+
+
+class BackendError(RuntimeError):
+    """The llama.cpp backend cannot run this profile; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------- building
+def source_gguf(profile: Profile, cache_dir: Path) -> Path:
+    from nextgpt.llm import resolve_source
+
+    path, gguf_file = resolve_source(profile.llm, cache_dir)
+    if not gguf_file:
+        raise BackendError(f"llm.backend llama_cpp needs llm.source to be a GGUF file, got {profile.llm.source!r} "
+                           "(convert a Hugging Face model with llama.cpp's convert_hf_to_gguf.py)")  # fmt: skip
+    gguf = Path(path) / gguf_file
+    if not gguf.is_file():
+        raise BackendError(f"llm.source: GGUF file not found: {gguf}")
+    return gguf
+
+
+def _checkpoint_digest(path: str | None) -> str:
+    """sha256 over every file of the checkpoint folder (names and bytes): retrained weights differ."""
+    h = hashlib.sha256()
+    if path:
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            raise BackendError(f"checkpoint directory not found: {root}")
+        for f in sorted(p for p in root.rglob("*") if p.is_file() and "checkpoints" not in p.relative_to(root).parts):
+            h.update(str(f.relative_to(root)).encode() + b"\0")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def build_dir(profile: Profile, cache_dir: Path) -> Path:
+    """Where the prepared files for this profile live (the key covers everything they depend on)."""
+    gguf = source_gguf(profile, cache_dir)
+    stat = gguf.stat()
+    key = {
+        "version": BUILD_VERSION,
+        "gguf": [str(gguf.resolve()), stat.st_size, int(stat.st_mtime)],
+        "checkpoint": _checkpoint_digest(profile.checkpoint),
+        "projectors": {m: p.model_dump() for m, p in sorted(profile.projectors.items())},
+        "encoder": [profile.encoder.source, profile.encoder.arch],
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache_dir / "llama_cpp" / f"{gguf.stem}-{digest}"
+
+
+def prepare(profile: Profile, cache_dir: Path) -> Path:
+    """The prepared folder for this profile, built on first use (one line on stderr says so)."""
+    from nextgpt.llm import build_atomically
+
+    out = build_dir(profile, cache_dir)
+    if not (out / META_FILE).is_file():
+        print(f"nextgpt: preparing the llama.cpp model once (new tokens, merged LoRA) into {out}", file=sys.stderr, flush=True)
+        with quiet_libraries():
+            build_atomically(out, lambda tmp: _build(profile, cache_dir, tmp))
+    return out
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """No progress bars or warnings from transformers / huggingface_hub while building."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
+def _build(profile: Profile, cache_dir: Path, tmp: Path) -> None:
+    from safetensors.torch import save_file
+
+    reference = profile.model_copy(deep=True)
+    reference.llm.backend, reference.llm.device, reference.llm.dtype = "transformers", "cpu", "float32"
+    reference.encoder.device = "cpu"
+    model = NextGPT.from_profile(reference, cache_dir)  # the fp32 reference: checkpoint applied, LoRA merged
+    llm = model.llm
+    report = write_gguf(source_gguf(profile, cache_dir), llm, tmp / MODEL_FILE)
+    parts = {
+        "embed": llm.get_input_embeddings().weight,
+        "lm_head_new": llm.get_output_embeddings().weight[-len(NEW_TOKENS):],
+        **{f"input_proj.{k}": v for k, v in model.input_proj.state_dict().items()},
+        **{f"output_projectors.{k}": v for k, v in model.output_projectors.state_dict().items()},
+    }
+    save_file({k: v.detach().float().contiguous().clone() for k, v in parts.items()}, str(tmp / PARTS_FILE))
+    model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+    meta = {"version": BUILD_VERSION, "source": profile.llm.source, "checkpoint": profile.checkpoint,
+            "encoder_dim": model.input_proj.in_features, "hidden": llm.config.get_text_config().hidden_size, **report}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+    """Hugging Face q/k row order → llama.cpp's (as llama.cpp's convert_hf_to_gguf.py does)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _encode_tensor(src, target: np.ndarray) -> tuple[np.ndarray, object, str]:
+    """(data, type, how) for one GGUF tensor given the reference model's fp32 values: the source
+    bytes when nothing changed; source bytes + new rows when only rows were appended (the vocabulary:
+    block quantisation works row by row); else re-quantised (Q8_0 for a quantised source)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize, quantize
+
+    qtype = src.tensor_type
+    old = dequantize(src.data, qtype).reshape(-1, *target.shape[1:]) if target.ndim > 1 else dequantize(src.data, qtype).reshape(-1)
+    if old.shape == target.shape and np.array_equal(old, target):
+        return src.data, qtype, "copied"
+    if target.ndim == 2 and old.shape[1:] == target.shape[1:] and target.shape[0] > old.shape[0] and np.array_equal(old, target[: old.shape[0]]):
+        new = quantize(np.ascontiguousarray(target[old.shape[0]:]), qtype)
+        return np.concatenate([np.asarray(src.data).reshape(old.shape[0], -1), new.reshape(target.shape[0] - old.shape[0], -1)]), qtype, "rows added"
+    if qtype in (Q.F32, Q.F16):
+        return quantize(target, qtype), qtype, "rewritten"
+    to = Q.Q8_0 if target.shape[-1] % 32 == 0 else Q.F32
+    return quantize(np.ascontiguousarray(target), to), to, "rewritten"
+
+
+def write_gguf(src: Path, llm, dst: Path) -> dict:
+    """Write `llm` (a merged fp32 transformers model loaded from the GGUF `src`, vocabulary extended)
+    as a GGUF: `src`'s metadata, the extended vocabulary, and each tensor per `_encode_tensor`."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    field = lambda k: reader.get_field(k).contents() if reader.get_field(k) is not None else None  # noqa: E731
+    arch = field("general.architecture")
+    if arch not in ("llama",):
+        raise BackendError(f"{src}: architecture {arch!r}; the llama.cpp backend writes LLaMA-family GGUFs only")
+    n_blocks, n_head, n_head_kv = field(f"{arch}.block_count"), field(f"{arch}.attention.head_count"), field(f"{arch}.attention.head_count_kv")
+    state = {k: v.detach().float().cpu().numpy() for k, v in llm.state_dict().items()}
+    tmap = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), n_blocks)
+    hf_name = {}
+    for name in state:
+        mapped = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        if mapped:
+            hf_name[mapped] = name
+    vocab = field("tokenizer.ggml.tokens")
+    n_new = state[hf_name["token_embd.weight"]].shape[0] - len(vocab)
+    if n_new != len(NEW_TOKENS):
+        raise BackendError(f"{src}: the model has {len(vocab) + n_new} embedding rows for {len(vocab)} GGUF tokens + {len(NEW_TOKENS)} new")
+
+    writer = gguf.GGUFWriter(str(dst), arch=arch, endianess=reader.endianess)
+    if (alignment := field("general.alignment")) is not None:
+        writer.data_alignment = alignment
+    extended = {
+        "tokenizer.ggml.tokens": vocab + list(NEW_TOKENS),
+        "tokenizer.ggml.token_type": field("tokenizer.ggml.token_type") + [int(gguf.TokenType.USER_DEFINED)] * n_new,
+        "tokenizer.ggml.scores": (field("tokenizer.ggml.scores") or []) + [0.0] * n_new,
+        f"{arch}.vocab_size": len(vocab) + n_new,
+    }
+    for f in reader.fields.values():
+        if f.name == "general.architecture" or f.name.startswith("GGUF."):
+            continue
+        if f.name == "tokenizer.ggml.scores" and field("tokenizer.ggml.scores") is None:
+            continue
+        kind = f.types[0]
+        sub = f.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, extended.get(f.name, f.contents()), kind, sub_type=sub)
+
+    report = {"copied": 0, "rows added": 0, "rewritten": 0}
+    names = {t.name for t in reader.tensors}
+    for t in reader.tensors:
+        if t.name not in hf_name:  # e.g. rope_freqs: not a model parameter
+            writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+            report["copied"] += 1
+            continue
+        target = state[hf_name[t.name]]
+        if ".attn_q." in t.name:
+            target = _permute(target, n_head, n_head)
+        elif ".attn_k." in t.name:
+            target = _permute(target, n_head, n_head_kv)
+        data, qtype, how = _encode_tensor(t, target)
+        writer.add_tensor(t.name, data, raw_dtype=qtype)
+        report[how] += 1
+    head = hf_name.get("output.weight")
+    if "output.weight" not in names and head is not None and not np.array_equal(state[head], state[hf_name["token_embd.weight"]]):
+        # a tied model whose new output rows differ from its new input rows: untie, base rows as token_embd's
+        embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+        data, qtype, how = _encode_tensor(embd, state[head])
+        writer.add_tensor("output.weight", data, raw_dtype=qtype)
+        report["untied output.weight"] = how
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- running
+def _silence() -> None:
+    """llama.cpp logs every load to stderr; only its errors belong on the user's terminal."""
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)
+
+
+def import_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise BackendError("llm.backend llama_cpp needs llama-cpp-python: `make setup` installs it "
+                           "(or: CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON' "
+                           "pip install -e '.[llama]')") from None  # fmt: skip
+    return llama_cpp
+
+
+class LlamaContext:
+    """One llama.cpp model + context (sequence 0) fed embeddings; remembers what its KV cache holds."""
+
+    def __init__(self, gguf: Path, *, n_threads: int, n_ctx: int = MAX_CONTEXT, n_batch: int = 512):
+        lib = self.lib = import_llama_cpp()
+        _silence()
+        lib.llama_backend_init()
+        mparams = lib.llama_model_default_params()
+        self.model = lib.llama_model_load_from_file(str(gguf).encode(), mparams)
+        if not self.model:
+            raise BackendError(f"llama.cpp could not load {gguf}")
+        self.n_embd = lib.llama_model_n_embd(self.model)
+        self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
+        self.n_ctx = min(n_ctx, lib.llama_model_n_ctx_train(self.model))
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx
+        cparams.n_batch = cparams.n_ubatch = self.n_batch = min(n_batch, self.n_ctx)
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = n_threads
+        cparams.embeddings = True
+        cparams.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
+        self.ctx = lib.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise BackendError(f"llama.cpp could not create a context for {gguf}")
+        self.memory = lib.llama_get_memory(self.ctx)
+        self.batch = lib.llama_batch_init(self.n_batch, self.n_embd, 1)
+        self.embd = np.ctypeslib.as_array(self.batch.embd, shape=(self.n_batch, self.n_embd))
+        for i in range(self.n_batch):
+            self.batch.n_seq_id[i] = 1
+            self.batch.seq_id[i][0] = 0
+        self.embeddings_on = True
+        self.keys: list = []  # one key per position held in the KV cache (see nextgpt.model.PromptCache)
+
+    def __del__(self):
+        lib = getattr(self, "lib", None)
+        if lib is None:
+            return
+        with contextlib.suppress(Exception):
+            lib.llama_batch_free(self.batch)
+            lib.llama_free(self.ctx)
+            lib.llama_model_free(self.model)
+
+    def keep(self, n: int) -> None:
+        """Keep the first `n` positions of the KV cache, drop the rest."""
+        self.lib.llama_memory_seq_rm(self.memory, 0, n, -1)
+        del self.keys[n:]
+
+    def _set_embeddings(self, on: bool) -> None:
+        if self.embeddings_on != on:  # off for a prefill: else every position is an output (~20% slower)
+            self.lib.llama_set_embeddings(self.ctx, on)
+            self.embeddings_on = on
+
+    def _decode(self, rows: np.ndarray, pos: int, last_output: bool) -> None:
+        n = len(rows)
+        self.embd[:n] = rows
+        b = self.batch
+        b.n_tokens = n
+        for i in range(n):
+            b.pos[i] = pos + i
+            b.logits[i] = 0
+        b.logits[n - 1] = int(last_output)
+        rc = self.lib.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise BackendError(f"llama_decode failed ({rc}) at position {pos} of {self.n_ctx}")
+
+    def prefill(self, rows: np.ndarray, keys: list) -> None:
+        """Feed `rows` (T, H) after what the cache holds, no outputs (the last position goes by `step`)."""
+        self._set_embeddings(False)
+        start = len(self.keys)
+        for i in range(0, len(rows), self.n_batch):
+            self._decode(rows[i : i + self.n_batch], start + i, last_output=False)
+        self.keys += keys
+
+    def step(self, row: np.ndarray, key) -> tuple[np.ndarray, np.ndarray]:
+        """Feed one position; (logits, last-layer hidden state), both copies."""
+        self._set_embeddings(True)
+        self._decode(row[None], len(self.keys), last_output=True)
+        self.keys.append(key)
+        logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, 0), shape=(self.n_vocab,)).copy()
+        hidden = np.ctypeslib.as_array(self.lib.llama_get_embeddings_ith(self.ctx, 0), shape=(self.n_embd,)).copy()
+        return logits, hidden
+
+
+class _TextConfig:
+    def __init__(self, hidden_size: int, max_position_embeddings: int):
+        self.hidden_size, self.max_position_embeddings = hidden_size, max_position_embeddings
+
+    def get_text_config(self):
+        return self
+
+
+class EmbeddingsOnly(nn.Module):
+    """What `NextGPT` reads of its LLM when llama.cpp runs the layers: the input embeddings (fp32:
+    the GGUF's rows dequantised + our 38 new rows) and the config's sizes."""
+
+    def __init__(self, weight: torch.Tensor, max_positions: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding.from_pretrained(weight, freeze=True)
+        self.config = _TextConfig(weight.shape[1], max_positions)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+
+class LlamaCppNextGPT(NextGPT):
+    """`NextGPT` whose `generate` runs the LLM in llama.cpp (see the module docstring)."""
+
+    @classmethod
+    def from_profile(cls, profile: Profile, cache_dir: Path, *, n_threads: int | None = None) -> "LlamaCppNextGPT":
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer
+
+        from nextgpt.devices import resolve
+        from nextgpt.encoder import MediaEncoder
+        from nextgpt.llm import add_nextgpt_tokens
+        from nextgpt.projectors import InputProjection, OutputProjector
+
+        import_llama_cpp()  # a missing install is named before any preparing
+        folder = prepare(profile, cache_dir)
+        meta = json.loads((folder / META_FILE).read_text())
+        parts = load_file(str(folder / PARTS_FILE))
+        with quiet_libraries():
+            tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER_DIR)
+        add_nextgpt_tokens(tokenizer)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        enc_device, enc_dtype = resolve(profile.encoder.device, profile.encoder.dtype)
+        encoder = MediaEncoder(profile.encoder, cache_dir, enc_device, enc_dtype)
+        hidden = meta["hidden"]
+        input_proj = InputProjection(meta["encoder_dim"], hidden)
+        input_proj.load_state_dict({k[len("input_proj."):]: v for k, v in parts.items() if k.startswith("input_proj.")})
+        projectors = nn.ModuleDict({m: OutputProjector(hidden, profile.projectors[m]) for m in MODALITIES})
+        projectors.load_state_dict({k[len("output_projectors."):]: v for k, v in parts.items() if k.startswith("output_projectors.")})
+        input_proj.eval().requires_grad_(False)
+        projectors.eval().requires_grad_(False)
+        context = LlamaContext(folder / MODEL_FILE, n_threads=n_threads or torch.get_num_threads())
+        model = cls(EmbeddingsOnly(parts["embed"], context.n_ctx), tokenizer, encoder, input_proj, projectors,
+                    template=profile.llm.template, system_prompt=profile.llm.system_prompt)  # fmt: skip
+        model.context = context
+        model.lm_head_new = parts["lm_head_new"].numpy()
+        model.new_ids = np.arange(parts["embed"].shape[0] - len(NEW_TOKENS), parts["embed"].shape[0])
+        model.embed_rows = parts["embed"].numpy()
+        return model
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        messages,
+        *,
+        want: Iterable[str] = (),
+        max_new_tokens: int = 246,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        allow_media: bool = True,
+        on_text: Callable[[str], None] | None = None,
+        cache=None,
+    ) -> Reply:
+        """`NextGPT.generate`'s contract on llama.cpp. `cache` (a PromptCache) turns on prefix reuse:
+        llama.cpp's KV cache keeps its longest prefix shared with this prompt; without it the prompt
+        is decoded from scratch, as the transformers path does."""
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        want = [m for m in dict.fromkeys(want)]
+        for m in want:
+            if m not in MODALITIES:
+                raise ValueError(f"unknown modality {m!r}; expected one of {', '.join(MODALITIES)}")
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        warpers = self._warpers(temperature, top_p, top_k)
+        eos = self.tokenizer.eos_token_id
+        ctx = self.context
+
+        inputs, keys = self.build_inputs(messages)
+        rows = inputs[0].float().numpy()
+        timings["encode"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        reused = 0
+        if cache is not None:
+            for a, b in zip(ctx.keys, keys):
+                if a != b:
+                    break
+                reused += 1
+            reused = min(reused, len(keys) - 1)  # the next token's logits come from the last fed position
+        ctx.keep(reused)
+        if len(keys) - reused > 1:
+            ctx.prefill(rows[reused:-1], keys[reused:-1])
+        logits, hidden = ctx.step(rows[-1], keys[-1])  # the last position with its hidden state: exact new-token logits
+        logits = self._exact_new_logits(logits, hidden)
+        timings["prefill"] = time.perf_counter() - t1
+        timings["prefill_tokens"] = len(keys) - reused
+        timings["prompt_tokens"] = len(keys)
+        t2 = time.perf_counter()
+
+        n_prompt = len(keys)
+        ids: list[int] = []
+        states: list[np.ndarray] = []  # per generated token: last hidden state + its input embedding
+        forced: list[int] = []
+        emitted: list[tuple[str, int]] = []
+        streamed, finish, ending = 0, "length", False
+        longest_stop = max((len(s) for s in self.stop_strings), default=1)
+        searched = 0  # text before this index holds no stop string
+        while True:
+            if ending and not forced:
+                break
+            if forced:
+                next_id = forced.pop(0)
+            else:
+                if len(ids) >= max_new_tokens or len(ctx.keys) >= ctx.n_ctx:
+                    finish, next_id = "length", None
+                else:
+                    next_id = self._sample(ids, torch.from_numpy(logits), warpers, generator, allow_media)
+                    if next_id == eos:
+                        finish, next_id = "eos", None
+                if next_id is None:
+                    missing = [m for m in want if m not in {e[0] for e in emitted}]
+                    if not missing:
+                        break
+                    next_id = self.signal_ids[missing[0]][0]
+                if next_id in self.first_signal:
+                    modality = self.first_signal[next_id]
+                    emitted.append((modality, len(ids)))
+                    forced = list(self.signal_ids[modality][1:])
+            if len(ctx.keys) >= ctx.n_ctx:
+                raise BackendError(f"the reply ran past llama.cpp's context of {ctx.n_ctx} positions")
+            row = self.embed_rows[next_id]
+            logits, hidden = ctx.step(row, next_id)
+            logits = self._exact_new_logits(logits, hidden)
+            ids.append(next_id)
+            states.append(hidden + row)
+            if not forced and next_id not in self.all_signal_ids and (loop := repeating_tail(ids)):
+                keep = len(ids) - loop
+                ctx.keep(n_prompt + keep)
+                del ids[keep:], states[keep:]
+                emitted = [e for e in emitted if e[1] < keep]
+                finish, ending = "repetition", True
+                missing = [m for m in want if m not in {e[0] for e in emitted}]
+                if not missing:
+                    break
+                forced = []
+                for m in missing:
+                    emitted.append((m, len(ids) + len(forced)))
+                    forced += self.signal_ids[m]
+                continue
+            if not forced and next_id not in self.all_signal_ids:
+                text = self._text(ids)
+                hits = [i for s in self.stop_strings if (i := text.find(s, searched)) >= 0]
+                searched = max(0, len(text) - longest_stop - 4)  # a multi-byte character may still change the tail
+                if hits:
+                    keep = self._tokens_before(ids, min(hits))
+                    ctx.keep(n_prompt + keep)
+                    del ids[keep:], states[keep:]
+                    emitted = [e for e in emitted if e[1] < keep]
+                    finish = "stop"
+                    missing = [m for m in want if m not in {e[0] for e in emitted}]
+                    if not missing:
+                        break
+                    emitted.append((missing[0], len(ids)))
+                    forced = list(self.signal_ids[missing[0]])
+                    continue
+                if on_text is not None:
+                    safe = len(text) - longest_stop + 1
+                    if safe > streamed and not text[:safe].endswith("\ufffd"):
+                        on_text(text[streamed:safe])
+                        streamed = safe
+        timings["decode"] = time.perf_counter() - t2
+        timings["decode_tokens"] = len(ids)
+
+        t3 = time.perf_counter()
+        signals = []
+        for modality, start in emitted:
+            n = MODALITIES[modality].num_tokens
+            group = torch.from_numpy(np.stack(states[start : start + n]))[None]
+            projector = self.output_projectors[modality]
+            signals.append(Signal(modality, projector(group.to(projector.fc.weight.dtype)), start))
+        timings["project"] = time.perf_counter() - t3
+        text = self._text(ids).strip()
+        if on_text is not None and len(text) > streamed:
+            on_text(self._text(ids)[streamed:].rstrip())
+        trace = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if cache is not None:  # llama.cpp's KV cache holds the prompt and every token fed since
+            cache.store(None, keys + ids)
+        return Reply(text=text, trace=trace, signals=signals, token_ids=ids, finish_reason=finish, timings=timings)
+
+    def _exact_new_logits(self, logits: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        """The 38 new tokens' logits in fp32 from the hidden state (the GGUF holds their rows quantised)."""
+        logits[self.new_ids] = self.lm_head_new @ hidden
+        return logits

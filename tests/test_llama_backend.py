@@ -1,0 +1,239 @@
+"""The llama.cpp backend (nextgpt/llama_backend.py) against the transformers path, on a tiny LLaMA GGUF
+written here with the `gguf` package (Q8_0 weights, tied embeddings like SmolLM2) and a tiny checkpoint
+with new token rows, a LoRA and projectors: same prompt with media slots, same forced signal groups →
+projector outputs with cosine ≥ 0.99, the same greedy tokens, prefix reuse across turns."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make setup installs it)")
+
+from nextgpt.llm import CHATML_TEMPLATE, build_tiny_llm  # noqa: E402
+from nextgpt.tokens import NEW_TOKENS  # noqa: E402
+
+
+def _permute(w, n_head):
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_llama_gguf(path, hf_dir):
+    """The tiny LLaMA (build_tiny_llm) as a GGUF: gpt2-style byte-level vocabulary, Q8_0 matrices,
+    no output.weight (tied to token_embd, as SmolLM2's GGUF)."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    cfg = model.config
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    # one merge, so the BPE merges list is not empty; <|endoftext|>, which transformers' GGUF reader adds
+    tokens = [t for t, _ in vocab] + ["ab", "<|endoftext|>"]
+    specials = set(tok.all_special_tokens) | {"<|im_start|>", "<|im_end|>", "<|endoftext|>"}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None) else 10000.0)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([int(gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL) for t in tokens])
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_unk_token_id(tok.unk_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML_TEMPLATE)
+    sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    embed = np.concatenate([sd["model.embed_tokens.weight"], np.random.default_rng(0).normal(0, 0.02, (2, cfg.hidden_size)).astype(np.float32)])
+    w.add_tensor("token_embd.weight", quantize(embed, Q.Q8_0), raw_dtype=Q.Q8_0)
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        for name, key in (("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
+                          ("attn_output", "self_attn.o_proj"), ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
+                          ("ffn_down", "mlp.down_proj")):  # fmt: skip
+            t = sd[p + key + ".weight"]
+            if name in ("attn_q", "attn_k"):
+                t = _permute(t, cfg.num_attention_heads)
+            w.add_tensor(f"blk.{i}.{name}.weight", quantize(np.ascontiguousarray(t), Q.Q8_0), raw_dtype=Q.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    return path
+
+
+def write_checkpoint(dst, model):
+    """A tiny trained-looking checkpoint for `model` (the reference NextGPT on the GGUF, no checkpoint):
+    random new rows for input and output, a random rank-4 LoRA on q/k/v/o, the projectors."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    hidden = model.llm.config.hidden_size
+    tensors = {f"input_proj.{k}": v.clone() for k, v in model.input_proj.state_dict().items()}
+    tensors |= {f"output_projectors.{k}": v.clone() for k, v in model.output_projectors.state_dict().items()}
+    tensors["embed_tokens.new_rows"] = torch.randn(len(NEW_TOKENS), hidden, generator=g) * 0.05
+    tensors["lm_head.new_rows"] = torch.randn(len(NEW_TOKENS), hidden, generator=g) * 0.05
+    dst.mkdir(parents=True)
+    save_file(tensors, str(dst / "nextgpt.safetensors"))
+    peft = get_peft_model(model.llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    peft.save_pretrained(str(dst / "adapter"), save_embedding_layers=False)
+    (dst / "meta.json").write_text(json.dumps({"format": "nextgpt-checkpoint/1", "source": "test"}))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf_models(settings, tmp_path_factory, one_torch_thread):
+    from nextgpt.model import NextGPT
+
+    root = tmp_path_factory.mktemp("tiny-gguf")
+    cache = root / "cache"
+    gguf_path = write_tiny_llama_gguf(root / "tiny-llama.gguf", build_tiny_llm(root / "hf"))
+    profile = settings.profile("tiny").model_copy(deep=True)
+    profile.llm.source, profile.llm.template = str(gguf_path), "chat"
+    untrained = NextGPT.from_profile(profile, cache)
+    profile.checkpoint = str(write_checkpoint(root / "ckpt", untrained))
+    del untrained
+    reference = NextGPT.from_profile(profile, cache)
+    fast_profile = profile.model_copy(deep=True)
+    fast_profile.llm.backend = "llama_cpp"
+    fast = NextGPT.from_profile(fast_profile, cache)
+    return reference, fast, fast_profile, cache
+
+
+def _messages():
+    from nextgpt.model import MediaInput, Message
+
+    g = torch.Generator().manual_seed(1)
+    media = [MediaInput("image", embedding=torch.randn(32, generator=g)), MediaInput("audio", embedding=torch.randn(32, generator=g))]
+    return [Message("user", "what is in this picture and this sound? draw it", media=media)]
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def test_gguf_build_keeps_base_tensors_and_adds_tokens(tiny_gguf_models):
+    import gguf
+
+    from nextgpt.llama_backend import MODEL_FILE, build_dir
+
+    _, _, profile, cache = tiny_gguf_models
+    folder = build_dir(profile, cache)
+    meta = json.loads((folder / "meta.json").read_text())
+    # norms and MLP copied byte for byte; q/k/v/o rewritten (LoRA merged); token_embd extended; output untied
+    assert meta["rewritten"] == 8 and meta["rows added"] == 1 and meta["untied output.weight"] == "rows added"
+    src = {t.name: t for t in gguf.GGUFReader(profile.llm.source).tensors}
+    out = {t.name: t for t in gguf.GGUFReader(folder / MODEL_FILE).tensors}
+    assert np.array_equal(out["blk.0.ffn_down.weight"].data, src["blk.0.ffn_down.weight"].data)
+    assert np.array_equal(out["token_embd.weight"].data[: src["token_embd.weight"].data.shape[0]], src["token_embd.weight"].data)
+    assert out["output.weight"].data.shape[0] == src["token_embd.weight"].data.shape[0] + len(NEW_TOKENS)
+    reader = gguf.GGUFReader(folder / MODEL_FILE)
+    tokens = reader.get_field("tokenizer.ggml.tokens").contents()
+    assert tokens[-len(NEW_TOKENS):] == list(NEW_TOKENS)
+
+
+def test_build_is_keyed_by_checkpoint_content(tiny_gguf_models, tmp_path):
+    import shutil
+
+    from nextgpt.llama_backend import build_dir
+
+    _, _, profile, cache = tiny_gguf_models
+    copy = tmp_path / "ckpt"
+    shutil.copytree(profile.checkpoint, copy)
+    other = profile.model_copy(update={"checkpoint": str(copy)})
+    assert build_dir(other, cache) == build_dir(profile, cache)  # same content, other folder: same build
+    meta = json.loads((copy / "meta.json").read_text())
+    (copy / "meta.json").write_text(json.dumps(meta | {"step": 2}))
+    assert build_dir(other, cache) != build_dir(profile, cache)  # retrained: rebuilt
+
+
+def test_forced_signal_groups_match_transformers(tiny_gguf_models):
+    reference, fast, _, _ = tiny_gguf_models
+    kw = dict(want=["image", "video", "audio"], max_new_tokens=0, temperature=0)
+    a, b = reference.generate(_messages(), **kw), fast.generate(_messages(), **kw)
+    assert a.token_ids == b.token_ids and [s.modality for s in b.signals] == ["image", "video", "audio"]
+    for sa, sb in zip(a.signals, b.signals):
+        assert sa.prompt_embeds.shape == sb.prompt_embeds.shape and sa.position == sb.position
+        assert _cos(sa.prompt_embeds, sb.prompt_embeds) >= 0.99, sa.modality
+    assert b.finish_reason == a.finish_reason == "length"
+
+
+def test_greedy_text_then_signals_match_transformers(tiny_gguf_models):
+    reference, fast, _, _ = tiny_gguf_models
+    kw = dict(want=["image"], max_new_tokens=6, temperature=0)
+    a, b = reference.generate(_messages(), **kw), fast.generate(_messages(), **kw)
+    assert b.token_ids == a.token_ids and b.trace == a.trace and b.text == a.text
+    assert _cos(a.signals[0].prompt_embeds, b.signals[0].prompt_embeds) >= 0.99
+    assert set(b.timings) >= {"encode", "prefill", "decode", "project", "prefill_tokens", "prompt_tokens"}
+
+
+def test_seeded_sampling_is_reproducible_and_streams(tiny_gguf_models):
+    _, fast, _, _ = tiny_gguf_models
+    pieces = []
+    a = fast.generate(_messages(), max_new_tokens=12, temperature=1.0, seed=5, on_text=pieces.append)
+    b = fast.generate(_messages(), max_new_tokens=12, temperature=1.0, seed=5)
+    assert a.token_ids == b.token_ids and "".join(pieces).strip() == a.text
+    c = fast.generate(_messages(), max_new_tokens=12, temperature=1.0, seed=6)
+    assert c.token_ids != a.token_ids
+
+
+def test_prefix_cache_reused_across_turns(tiny_gguf_models):
+    from nextgpt.model import Message, PromptCache
+
+    _, fast, _, _ = tiny_gguf_models
+    cache = PromptCache()
+    history = _messages()
+    first = fast.generate(history, max_new_tokens=4, temperature=0, want=["image"], cache=cache)
+    history += [Message("assistant", first.trace), Message("user", "now make it blue")]
+    second = fast.generate(history, max_new_tokens=4, temperature=0, want=["image"], cache=cache)
+    # only the new turn is decoded: the first turn's prompt and reply stay in llama.cpp's KV cache
+    assert second.timings["prefill_tokens"] <= second.timings["prompt_tokens"] - first.timings["prompt_tokens"]
+    fresh = fast.generate(history, max_new_tokens=4, temperature=0, want=["image"])
+    assert fresh.timings["prefill_tokens"] == fresh.timings["prompt_tokens"]
+    assert fresh.token_ids == second.token_ids
+    assert _cos(fresh.signals[0].prompt_embeds, second.signals[0].prompt_embeds) >= 0.999
+
+
+def test_non_gguf_source_is_a_clear_error(settings, tmp_path):
+    from nextgpt.llama_backend import BackendError
+    from nextgpt.model import NextGPT
+
+    profile = settings.profile("tiny").model_copy(deep=True)
+    profile.llm.backend = "llama_cpp"
+    with pytest.raises(BackendError, match="needs llm.source to be a GGUF file"):
+        NextGPT.from_profile(profile, tmp_path)
+
+
+def test_backend_setting_is_validated(tmp_path):
+    from nextgpt.config import ConfigError, load_settings
+
+    text = (os.path.join(os.path.dirname(__file__), "..", "config.yaml"))
+    raw = open(text).read().replace("llm: {source: tiny, template: vicuna_v0,", "llm: {source: tiny, backend: llamacpp, template: vicuna_v0,", 1)
+    (tmp_path / "config.yaml").write_text(raw)
+    with pytest.raises(ConfigError, match="backend"):
+        load_settings(tmp_path / "config.yaml")
