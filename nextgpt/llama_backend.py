@@ -422,10 +422,11 @@ class LlamaCppNextGPT(NextGPT):
         allow_media: bool = True,
         on_text: Callable[[str], None] | None = None,
         cache=None,
+        stop: Iterable[str] = (),
     ) -> Reply:
         """`NextGPT.generate`'s contract on llama.cpp. `cache` (a PromptCache) turns on prefix reuse:
         llama.cpp's KV cache keeps its longest prefix shared with this prompt; without it the prompt
-        is decoded from scratch, as the transformers path does."""
+        is decoded from scratch, as the transformers path does. `stop`: more strings that end the reply."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         want = [m for m in dict.fromkeys(want)]
@@ -436,6 +437,7 @@ class LlamaCppNextGPT(NextGPT):
         warpers = self._warpers(temperature, top_p, top_k)
         eos = self.tokenizer.eos_token_id
         ctx = self.context
+        stops = self.stop_strings + [s for s in stop if s and s not in self.stop_strings]
 
         inputs, keys = self.build_inputs(messages)
         rows = inputs[0].float().numpy()
@@ -464,7 +466,7 @@ class LlamaCppNextGPT(NextGPT):
         forced: list[int] = []
         emitted: list[tuple[str, int]] = []
         streamed, finish, ending = 0, "length", False
-        longest_stop = max((len(s) for s in self.stop_strings), default=1)
+        longest_stop = max((len(s) for s in stops), default=1)
         searched = 0  # text before this index holds no stop string
         while True:
             if ending and not forced:
@@ -510,7 +512,7 @@ class LlamaCppNextGPT(NextGPT):
                 continue
             if not forced and next_id not in self.all_signal_ids:
                 text = self._text(ids)
-                hits = [i for s in self.stop_strings if (i := text.find(s, searched)) >= 0]
+                hits = [i for s in stops if (i := text.find(s, searched)) >= 0]
                 searched = max(0, len(text) - longest_stop - 4)  # a multi-byte character may still change the tail
                 if hits:
                     keep = self._tokens_before(ids, min(hits))

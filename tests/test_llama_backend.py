@@ -237,3 +237,35 @@ def test_backend_setting_is_validated(tmp_path):
     (tmp_path / "config.yaml").write_text(raw)
     with pytest.raises(ConfigError, match="backend"):
         load_settings(tmp_path / "config.yaml")
+
+
+def test_caller_stop_string_and_repetition_guard(tiny_gguf_models):
+    """The transformers path's endings on llama.cpp: a caller's stop string ends the reply where it is
+    generated; a reply that loops stops once the loop is seen, keeps one copy, and still gets `want`."""
+    from nextgpt.model import Message
+    from nextgpt.tokens import MODALITIES
+
+    _, fast, _, _ = tiny_gguf_models
+    tok = fast.tokenizer
+    full = fast.generate([Message("user", "say something")], seed=2, max_new_tokens=30, allow_media=False)
+    pieces = [tok.decode([i]) for i in full.token_ids]
+    k = next(k for k in range(3, len(pieces)) if pieces[k].strip() and "\ufffd" not in pieces[k] and pieces[k] not in "".join(pieces[:k]))
+    stopped = fast.generate([Message("user", "say something")], seed=2, max_new_tokens=30, allow_media=False, stop=[pieces[k]])
+    assert stopped.finish_reason == "stop" and pieces[k] not in stopped.text and len(stopped.token_ids) <= k
+
+    five = tok("five", add_special_tokens=False)["input_ids"][-1]
+    exact = fast._exact_new_logits
+
+    def biased(logits, hidden):  # the model says one word forever
+        logits = exact(logits, hidden)
+        logits[five] += 1e4
+        return logits
+
+    fast._exact_new_logits = biased
+    try:
+        wanted = fast.generate([Message("user", "count")], temperature=0, max_new_tokens=200, want=["audio", "image"])
+    finally:
+        del fast._exact_new_logits
+    assert wanted.finish_reason == "repetition" and [s.modality for s in wanted.signals] == ["audio", "image"]
+    audio, image = (MODALITIES[m].signal_tokens for m in ("audio", "image"))
+    assert tok.convert_ids_to_tokens(wanted.token_ids) == [tok.convert_ids_to_tokens(five)] + audio + image
