@@ -15,7 +15,7 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 
 from assistant.langchain import NextGPTChatModel
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.feature_skips]  # skips: the suite's own flags (no tool calling, ...)
 
 
 class _Tiny:
