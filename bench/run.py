@@ -7,11 +7,14 @@
    whole conversation is re-read every turn), turn 1 and turn 30 broken down (encode, prefill, decode);
 2. second image request through our warm ImageTool ÷ a bare diffusers pipeline call on the same
    components and steps (and the official way: re-creating the pipeline from disk per call);
-3. LLM decode tokens/s ÷ llama.cpp's on the same SmolLM2 GGUF, 2 threads (if llama-cpp-python is
-   installed: an optional, benchmark-only dependency);
+3. LLM decode tokens/s ÷ llama.cpp's on the same SmolLM2 GGUF, 2 threads (llama.cpp timed over its
+   token loop alone, prefill excluded, median of 3);
 4. `nextgpt --help` wall time;
 5. memory: loading a 10,000-turn session; p50 / p99 of appending a turn (SQLite);
-6. one turn of the profile broken down: encode, prefill, decode, project, denoise, save.
+6. one turn of the profile broken down: encode, prefill, decode, project, denoise, save;
+7. the llama.cpp backend (`llama`): decode ÷ raw llama.cpp on the same GGUF and ÷ fp32 transformers,
+   projector-output cosine vs fp32 per modality, warm time to first token, a text→image turn,
+   turn-30 ÷ turn-1.
 Results also go to bench/results.json, to compare between commits.
 """
 
@@ -170,14 +173,110 @@ def bench_decode(model, tokens: int) -> dict:
     from nextgpt.llm import package_file
 
     llm = Llama(model_path=str(package_file(SMOLLM2)), n_threads=2, n_ctx=512, verbose=False)
-    prompt = "<|im_start|>user\nWrite a long story about a red circle and a blue square.<|im_end|>\n<|im_start|>assistant\n"
-    llm(prompt, max_tokens=8)
+    prompt = llm.tokenize(b"<|im_start|>user\nWrite a long story about a red circle and a blue square.<|im_end|>\n<|im_start|>assistant\n", special=True)
+    raw = statistics.median(_llama_cpp_tok_s(llm, prompt, tokens) for _ in range(3))
+    result.update({"llama_cpp_tok_s": raw, "ratio_vs_llama_cpp": ours / raw})
+    return result
+
+
+def _llama_cpp_tok_s(llm, prompt: list[int], tokens: int) -> float:
+    """llama.cpp's own decode speed, greedy: the token loop alone (the prompt's prefill and the first
+    token excluded), as our `decode` timing is."""
+    llm.reset()
+    gen = llm.generate(prompt, temp=0.0, reset=True)
+    next(gen)  # prefill + first token
     t = time.perf_counter()
-    out = llm(prompt, max_tokens=tokens, temperature=0)
+    for _ in range(tokens - 1):
+        next(gen)
     elapsed = time.perf_counter() - t
-    n = out["usage"]["completion_tokens"]
-    # prefill is included in llama.cpp's time; it is small next to decoding `tokens` tokens
-    result.update({"llama_cpp_tok_s": n / elapsed, "ratio_vs_llama_cpp": ours / (n / elapsed)})
+    gen.close()
+    return (tokens - 1) / elapsed
+
+
+def bench_llama(settings, profile_name: str, tokens: int, rounds: int, turns: int) -> dict:
+    """The llama.cpp backend (llm.backend: llama_cpp) on the profile: decode tok/s vs raw llama.cpp on the
+    same GGUF and vs the fp32 transformers path (medians of alternating rounds, token loops only),
+    projector outputs vs fp32 per modality, warm time to first token, a text→image turn, turn-N ÷ turn-1."""
+    import torch
+    from llama_cpp import Llama
+
+    from assistant.agent import Assistant
+    from assistant.session import Chat
+    from memory import Memory
+    from nextgpt.llama_backend import MODEL_FILE, build_dir
+    from nextgpt.model import MediaInput, Message, NextGPT
+
+    profile = settings.profile(profile_name).model_copy(deep=True)
+    ref_profile = profile.model_copy(deep=True)
+    ref_profile.llm.backend = "transformers"
+    fast_profile = profile.model_copy(deep=True)
+    fast_profile.llm.backend = "llama_cpp"
+    t = time.perf_counter()
+    fast = NextGPT.from_profile(fast_profile, settings.cache_path)
+    load_s = time.perf_counter() - t
+    ref = NextGPT.from_profile(ref_profile, settings.cache_path)
+    raw = Llama(model_path=str(build_dir(fast_profile, settings.cache_path) / MODEL_FILE), n_threads=torch.get_num_threads(),
+                n_ctx=512, verbose=False)  # fmt: skip
+    msgs = [Message("user", "Write a long story about a red circle and a blue square.")]
+    prompt = fast.build_inputs(msgs)[1]
+    kw = dict(max_new_tokens=tokens, temperature=0, allow_media=False)
+    fast.generate(msgs, **kw)
+    ref.generate(msgs, max_new_tokens=4, temperature=0, allow_media=False)
+    ours, raws, fp32 = [], [], []
+    for _ in range(rounds):  # alternating, so load drift hits all three alike
+        r = fast.generate(msgs, **kw)
+        ours.append(r.timings["decode_tokens"] / r.timings["decode"])
+        raws.append(_llama_cpp_tok_s(raw, prompt, tokens))
+        r = ref.generate(msgs, **kw)
+        fp32.append(len(r.token_ids) / r.timings["decode"])
+    result = {"tokens": tokens, "rounds": rounds, "threads": torch.get_num_threads(), "load_s": load_s,
+              "ours_tok_s": statistics.median(ours), "llama_cpp_tok_s": statistics.median(raws), "fp32_tok_s": statistics.median(fp32)}
+    result["ratio_vs_llama_cpp"] = result["ours_tok_s"] / result["llama_cpp_tok_s"]
+    result["ratio_vs_fp32"] = result["ours_tok_s"] / result["fp32_tok_s"]
+
+    # projector outputs vs fp32: the same prompt, each modality's group forced at once (same tokens in both)
+    g = torch.Generator().manual_seed(0)
+    item = torch.nn.functional.normalize(torch.randn(fast.input_proj.in_features, generator=g), dim=0)
+    prompts = {"image": "draw a red circle", "video": "make a video of a blue square moving left", "audio": "make a high beep"}
+    cos = {}
+    for m, text in prompts.items():
+        values = []
+        for media in ([], [MediaInput("image", embedding=item)]):
+            conv = [Message("user", text, media=media)]
+            a = ref.generate(conv, want=[m], max_new_tokens=0, temperature=0).signals[0].prompt_embeds
+            b = fast.generate(conv, want=[m], max_new_tokens=0, temperature=0).signals[0].prompt_embeds
+            values.append(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item())
+        cos[m] = min(values)
+    result["projector_cosine_min"] = cos
+
+    # warm time to first token (streamed text) and the first signal token's position
+    first = []
+    for _ in range(rounds):
+        t, seen = time.perf_counter(), []
+        fast.generate([Message("user", "Tell me about circles.")], max_new_tokens=24, temperature=0, allow_media=False,
+                      on_text=lambda s: seen or seen.append(time.perf_counter() - t))  # fmt: skip
+        first.append(seen[0] if seen else float("nan"))
+    result["ttft_s"] = statistics.median(first)
+    del ref
+
+    # a whole text→image turn on the backend, and turn growth with its prefix cache
+    settings = settings.model_copy(deep=True)
+    settings.profiles["bench-llama"] = fast_profile
+    with tempfile.TemporaryDirectory() as d:
+        assistant = Assistant(settings, "bench-llama", output_dir=Path(d) / "out")
+        assistant._model = fast
+        chat = Chat.start(assistant, Memory.open(data_dir=Path(d) / "mem"))
+        chat.send("draw a blue square")  # warm: decoder loaded
+        times, made = [], []
+        for _ in range(rounds):
+            chat = Chat.start(assistant, Memory.open(data_dir=Path(d) / "mem"))
+            t = time.perf_counter()
+            reply = chat.send("draw a red circle")
+            times.append(time.perf_counter() - t)
+            made.append([getattr(m, "modality", "?") for m in getattr(reply, "media", [])])
+        result["turn_text_to_image_s"] = statistics.median(times)
+        result["turn_media"] = made
+    result["turns"] = bench_turns(fast, turns, new_tokens=8, repeat=1)
     return result
 
 
@@ -235,7 +334,7 @@ def bench_breakdown(settings, profile_name: str) -> dict:
     return parts
 
 
-SECTIONS = ("turns", "decode", "image", "help", "memory", "breakdown")
+SECTIONS = ("turns", "decode", "image", "help", "memory", "breakdown", "llama")
 
 
 def main(argv=None) -> int:
@@ -282,6 +381,13 @@ def main(argv=None) -> int:
         results["memory"] = bench_memory(1000 if args.quick else 10_000, 50 if args.quick else 500)
     if "breakdown" in only:
         results["breakdown"] = bench_breakdown(settings, args.profile)
+    if "llama" in only:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            results["llama"] = {"skipped": "llama-cpp-python is not installed (make setup installs it)"}
+        else:
+            results["llama"] = bench_llama(settings, args.profile, 16 if args.quick else 64, 2 if args.quick else 5, min(turns, 30))
 
     from rich.console import Console
     from rich.table import Table
@@ -316,6 +422,19 @@ def main(argv=None) -> int:
     if "breakdown" in only:
         b = r["breakdown"]
         table.add_row("one turn: " + ", ".join(f"{k} {v * 1000:.0f}" for k, v in b.items() if k != "total") + " ms", f"{b['total']:.2f} s", "")
+    if "llama" in only and "skipped" not in r["llama"]:
+        q = r["llama"]
+        table.add_row(f"llama.cpp backend decode tok/s ({q['threads']} threads)", f"{q['ours_tok_s']:.0f}", "")
+        table.add_row("  ÷ raw llama.cpp on the same GGUF", f"{q['ratio_vs_llama_cpp']:.2f}", "≥ 0.9")
+        table.add_row("  ÷ fp32 transformers", f"{q['ratio_vs_fp32']:.1f}", "")
+        table.add_row("  projector cosine vs fp32 (min, image / video / audio)",
+                      " / ".join(f"{q['projector_cosine_min'][m]:.4f}" for m in ("image", "video", "audio")), "≥ 0.99")
+        table.add_row("  time to first streamed text (warm)", f"{q['ttft_s'] * 1000:.0f} ms", "")
+        table.add_row("  'draw a red circle' turn, end to end", f"{q['turn_text_to_image_s']:.2f} s", "≤ 1.0 s")
+        tq = q["turns"]
+        table.add_row(f"  turn {tq['turns']} ÷ turn 1, with KV cache", f"{tq['ratio_cached']:.2f}", "≤ 1.15")
+    elif "llama" in only:
+        table.add_row("llama.cpp backend", r["llama"]["skipped"], "")
     Console().print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

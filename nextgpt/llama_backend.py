@@ -2,7 +2,7 @@
 
     first use:  the profile's GGUF + our checkpoint ──► cache_dir/llama_cpp/<name>-<key>/
                     model.gguf         the GGUF with the 38 new tokens appended (token_embd, output) and
-                                       the LoRA merged into attn_q/k/v/o (those re-quantised to Q8_0);
+                                       the LoRA merged into attn_q/k/v/o (those written in F32);
                                        every other tensor is copied byte for byte
                     parts.safetensors  fp32 input embeddings (base rows + new rows), the 38 new lm_head
                                        rows, the input projection and the output projectors
@@ -29,7 +29,6 @@ import contextlib
 import ctypes
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from nextgpt.config import Profile
 from nextgpt.model import NextGPT, Reply, Signal, repeating_tail
 from nextgpt.tokens import MODALITIES, NEW_TOKENS
 
-BUILD_VERSION = 1  # bump when the files written by `_build` change
+BUILD_VERSION = 2  # bump when the files written by `_build` change
 MODEL_FILE, PARTS_FILE, TOKENIZER_DIR, META_FILE = "model.gguf", "parts.safetensors", "tokenizer", "meta.json"
 MAX_CONTEXT = 4096  # llama.cpp context (KV cache) positions; the model's own limit when smaller
 
@@ -159,7 +158,7 @@ def _permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.nda
 def _encode_tensor(src, target: np.ndarray) -> tuple[np.ndarray, object, str]:
     """(data, type, how) for one GGUF tensor given the reference model's fp32 values: the source
     bytes when nothing changed; source bytes + new rows when only rows were appended (the vocabulary:
-    block quantisation works row by row); else re-quantised (Q8_0 for a quantised source)."""
+    block quantisation works row by row); else written in F32 (F16 stays F16)."""
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize, quantize
 
@@ -172,7 +171,9 @@ def _encode_tensor(src, target: np.ndarray) -> tuple[np.ndarray, object, str]:
         return np.concatenate([np.asarray(src.data).reshape(old.shape[0], -1), new.reshape(target.shape[0] - old.shape[0], -1)]), qtype, "rows added"
     if qtype in (Q.F32, Q.F16):
         return quantize(target, qtype), qtype, "rewritten"
-    to = Q.Q8_0 if target.shape[-1] % 32 == 0 else Q.F32
+    # F32: re-quantising the LoRA-merged attention to Q8_0 moved the signal states enough (cosine 0.998)
+    # for the small profile's refitted projectors to turn it into audio outputs at cosine 0.08 vs fp32
+    to = Q.F32
     return quantize(np.ascontiguousarray(target), to), to, "rewritten"
 
 
@@ -248,10 +249,13 @@ def write_gguf(src: Path, llm, dst: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------- running
 def _silence() -> None:
-    """llama.cpp logs every load to stderr; only its errors belong on the user's terminal."""
-    from llama_cpp._logger import set_verbose
+    """llama.cpp logs every load to stderr (and llama-cpp-python maps ggml's newer log levels one off,
+    so its warnings pass as errors): none of it on the user's terminal; failures raise BackendError."""
+    import logging
 
-    set_verbose(False)
+    from llama_cpp._logger import logger
+
+    logger.setLevel(logging.CRITICAL)
 
 
 def import_llama_cpp():
@@ -281,7 +285,8 @@ class LlamaContext:
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = self.n_ctx
         cparams.n_batch = cparams.n_ubatch = self.n_batch = min(n_batch, self.n_ctx)
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = 2  # 0: the cached conversation; 1: scratch for calls without a PromptCache
+        cparams.kv_unified = True
         cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.embeddings = True
         cparams.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
@@ -293,9 +298,17 @@ class LlamaContext:
         self.embd = np.ctypeslib.as_array(self.batch.embd, shape=(self.n_batch, self.n_embd))
         for i in range(self.n_batch):
             self.batch.n_seq_id[i] = 1
-            self.batch.seq_id[i][0] = 0
         self.embeddings_on = True
-        self.keys: list = []  # one key per position held in the KV cache (see nextgpt.model.PromptCache)
+        self.seq = 0
+        self.keys_of: dict[int, list] = {0: [], 1: []}  # per sequence: one key per position it holds
+
+    @property
+    def keys(self) -> list:
+        return self.keys_of[self.seq]
+
+    def use(self, seq: int) -> None:
+        """Work on sequence `seq` (0 keeps a conversation's prefix; 1 is scratch)."""
+        self.seq = seq
 
     def __del__(self):
         lib = getattr(self, "lib", None)
@@ -308,7 +321,7 @@ class LlamaContext:
 
     def keep(self, n: int) -> None:
         """Keep the first `n` positions of the KV cache, drop the rest."""
-        self.lib.llama_memory_seq_rm(self.memory, 0, n, -1)
+        self.lib.llama_memory_seq_rm(self.memory, self.seq, n, -1)
         del self.keys[n:]
 
     def _set_embeddings(self, on: bool) -> None:
@@ -323,6 +336,7 @@ class LlamaContext:
         b.n_tokens = n
         for i in range(n):
             b.pos[i] = pos + i
+            b.seq_id[i][0] = self.seq
             b.logits[i] = 0
         b.logits[n - 1] = int(last_output)
         rc = self.lib.llama_decode(self.ctx, b)
@@ -335,7 +349,7 @@ class LlamaContext:
         start = len(self.keys)
         for i in range(0, len(rows), self.n_batch):
             self._decode(rows[i : i + self.n_batch], start + i, last_output=False)
-        self.keys += keys
+        self.keys.extend(keys)
 
     def step(self, row: np.ndarray, key) -> tuple[np.ndarray, np.ndarray]:
         """Feed one position; (logits, last-layer hidden state), both copies."""
@@ -444,6 +458,7 @@ class LlamaCppNextGPT(NextGPT):
         timings["encode"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         reused = 0
+        ctx.use(0 if cache is not None else 1)  # an uncached call leaves the cached conversation alone
         if cache is not None:
             for a, b in zip(ctx.keys, keys):
                 if a != b:
