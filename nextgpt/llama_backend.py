@@ -290,6 +290,7 @@ class LlamaContext:
         cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.embeddings = True
         cparams.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
+        cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED  # attention over a long history costs less
         self.ctx = lib.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             raise BackendError(f"llama.cpp could not create a context for {gguf}")
@@ -563,6 +564,8 @@ class LlamaCppNextGPT(NextGPT):
         trace = self.tokenizer.decode(ids, skip_special_tokens=False)
         if cache is not None:  # llama.cpp's KV cache holds the prompt and every token fed since
             cache.store(None, keys + ids)
+        else:  # free the scratch sequence: its cells would lengthen every later attention
+            ctx.keep(0)
         return Reply(text=text, trace=trace, signals=signals, token_ids=ids, finish_reason=finish, timings=timings)
 
     def _exact_new_logits(self, logits: np.ndarray, hidden: np.ndarray) -> np.ndarray:
