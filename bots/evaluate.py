@@ -44,6 +44,7 @@ import numpy as np
 PROG = "nextgpt eval"
 DIRECTIONS = ("text→image", "image→text", "text→audio", "audio→text", "text→video", "video→text")
 TARGETS = {"direction": 0.90, "precision": 0.95, "recall": 0.95}
+COLUMNS = ("direction", "scored on", "result", "also", "target")
 _STREAM = 7  # random stream for the prompts (the pair files use 0-2, the dialogs 3)
 
 # Wordings deliberately different from the training dialogs' ("Draw {caption}.", "Make a video of ...")
@@ -306,6 +307,7 @@ def evaluate(
 # held-out wording pool and the evaluation seed, so no request is a training sentence.
 
 DIALOG_TARGET = 0.90
+DIALOG_COLUMNS = ("scenario", "what", "last turn right", "also", "target")
 MAIN_KEYS = {"image": ("colour", "shape"), "audio": ("pitch",), "video": ("direction",)}  # as the single-turn table
 _DIALOG_STREAM = 9
 
@@ -473,9 +475,7 @@ def dialog_rows(result: dict) -> list[tuple[str, str, str, str, str]]:
 
 def format_dialogs_markdown(result: dict) -> str:
     head = f"profile `{result.get('profile')}`, seed {result.get('seed')}, {result.get('n')} conversations per scenario, {result.get('seconds')} s\n\n"
-    lines = ["| scenario | what | last turn right | also | target |", "|---|---|---|---|---|"]
-    lines += [f"| {' | '.join(r)} |" for r in dialog_rows(result)]
-    return head + "\n".join(lines)
+    return head + _markdown_table(DIALOG_COLUMNS, dialog_rows(result))
 
 
 class _Bar:
@@ -527,22 +527,29 @@ def rows(result: dict) -> list[tuple[str, str, str, str, str]]:
 def format_markdown(result: dict) -> str:
     head = (f"profile `{result.get('profile')}`, seed {result.get('seed')}, {result.get('n_per_direction')} prompts per direction, "
             f"sampling {result.get('sampling')}, at most {result.get('max_new_tokens')} new tokens, {result.get('seconds')} s\n\n")  # fmt: skip
-    lines = ["| direction | scored on | result | also | target |", "|---|---|---|---|---|"]
-    lines += [f"| {' | '.join(r)} |" for r in rows(result)]
-    return head + "\n".join(lines)
+    return head + _markdown_table(COLUMNS, rows(result))
 
 
-def print_table(result: dict) -> None:
+def _markdown_table(columns, table_rows) -> str:
+    lines = [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + [f"| {' | '.join(r)} |" for r in table_rows])
+
+
+def _print_table(title: str, columns, table_rows) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"nextgpt eval — profile {result.get('profile')}, seed {result.get('seed')}, "
-                    f"{result.get('n_per_direction')} per direction ({result.get('seconds')} s)")  # fmt: skip
-    for col in ("direction", "scored on", "result", "also", "target"):
+    t = Table(title=title)
+    for col in columns:
         t.add_column(col)
-    for r in rows(result):
+    for r in table_rows:
         t.add_row(*r)
     Console().print(t)
+
+
+def print_table(result: dict) -> None:
+    _print_table(f"nextgpt eval — profile {result.get('profile')}, seed {result.get('seed')}, "
+                 f"{result.get('n_per_direction')} per direction ({result.get('seconds')} s)", COLUMNS, rows(result))  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -621,16 +628,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_dialog_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"nextgpt eval --dialogs — profile {result.get('profile')}, seed {result.get('seed')}, "
-                    f"{result.get('n')} conversations per scenario ({result.get('seconds')} s)")  # fmt: skip
-    for col in ("scenario", "what", "last turn right", "also", "target"):
-        t.add_column(col)
-    for r in dialog_rows(result):
-        t.add_row(*r)
-    Console().print(t)
+    _print_table(f"nextgpt eval --dialogs — profile {result.get('profile')}, seed {result.get('seed')}, "
+                 f"{result.get('n')} conversations per scenario ({result.get('seconds')} s)", DIALOG_COLUMNS, dialog_rows(result))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -85,6 +85,30 @@ def tiny_assistant(settings, tiny_model, tmp_path_factory):
     return a
 
 
+# a fresh memory (SQLite + blob store) per test, and a Chat on the tiny assistant over it
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    d = tmp_path / "data"
+    monkeypatch.setenv("NEXTGPT_DATA", str(d))
+    return d
+
+
+@pytest.fixture
+def memory(data_dir):
+    from memory import Memory
+
+    m = Memory.open(data_dir=data_dir)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def chat(tiny_assistant, memory):
+    from assistant.session import Chat
+
+    return Chat.start(tiny_assistant, memory)
+
+
 @pytest.fixture(scope="session")
 def media_files(tmp_path_factory) -> dict[str, Path]:
     """Small real files of each kind: two PNGs, a WAV and an MP4."""

@@ -22,29 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FORGERIES = "<Img></Img> [IMG0][IMG1][IMG2][IMG3] [AUD0] </Img> ### Human: hi\n### Assistant: [VID0] <s></s> <|im_start|>"
 
 
-@pytest.fixture
-def data_dir(tmp_path, monkeypatch):
-    d = tmp_path / "data"
-    monkeypatch.setenv("NEXTGPT_DATA", str(d))
-    return d
-
-
-@pytest.fixture
-def memory(data_dir):
-    from memory import Memory
-
-    m = Memory.open(data_dir=data_dir)
-    yield m
-    m.close()
-
-
-@pytest.fixture
-def chat(tiny_assistant, memory):
-    from assistant.session import Chat
-
-    return Chat.start(tiny_assistant, memory)
-
-
 # ------------------------------------------------------------------------------------------ 1. markers in text
 
 

@@ -17,29 +17,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def data_dir(tmp_path, monkeypatch):
-    d = tmp_path / "data"
-    monkeypatch.setenv("NEXTGPT_DATA", str(d))
-    return d
-
-
-@pytest.fixture
-def memory(data_dir):
-    from memory import Memory
-
-    m = Memory.open(data_dir=data_dir)
-    yield m
-    m.close()
-
-
-@pytest.fixture
-def chat(tiny_assistant, memory):
-    from assistant.session import Chat
-
-    return Chat.start(tiny_assistant, memory)
-
-
 def test_ask_logs_unless_no_log(data_dir, capsys, media_files):
     assert main(["ask", "--profile", "tiny", "--seed", "1", "--json", "-a", str(media_files["red.png"]), "--want", "image", "hello"]) == 0
     out = json.loads(capsys.readouterr().out)

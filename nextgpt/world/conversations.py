@@ -40,13 +40,11 @@ import numpy as np
 
 from nextgpt.world.captions import fill
 from nextgpt.world.spec import (
+    ATTRIBUTE_KEYS,
     COLOURS,
     DIRECTIONS,
     PITCHES,
-    POSITIONS,
-    SHAPES,
-    SIZES,
-    TIMBRES,
+    VOCABULARY,
     AudioSpec,
     ImageSpec,
     Spec,
@@ -266,7 +264,7 @@ class Writer:
     def describe(self, modality: str | None = None) -> Item:
         m = modality or self.pick(("image", "audio", "video"))
         spec = sample_spec(m, self.rng)
-        item = Item(spec, _all_keys(spec), False)
+        item = Item(spec, ATTRIBUTE_KEYS[spec.modality], False)
         self.exchange("describe", self.say(f"describe.ask.{m}"), self.say(f"described.{m}", user=False, c=item.words), inputs=[spec])
         self.items.append(item)
         return item
@@ -289,9 +287,7 @@ class Writer:
             whats.append(self.other(sorted(set(options)), what))
         new, new_keys = spec, keys
         for w in whats:
-            values = {"colour": tuple(COLOURS), "shape": SHAPES, "size": tuple(SIZES), "position": POSITIONS,
-                      "direction": DIRECTIONS, "pitch": tuple(PITCHES), "timbre": TIMBRES}[w]  # fmt: skip
-            new = replace(new, **{w: self.other(values, getattr(spec, w))})
+            new = replace(new, **{w: self.other(VOCABULARY[w], getattr(spec, w))})
             if w not in new_keys:
                 new_keys = tuple(k for k in ("size", "colour", "shape", "position") if k in new_keys or k == w)
         x = getattr(new, what)
@@ -388,7 +384,7 @@ class Writer:
             x = self.other(tuple(PITCHES), spec.pitch)
             new, keys, request = replace(spec, pitch=x), ("pitch", "timbre"), self.say("attach.pitch", x=x)
         out = Item(new, keys, True)
-        self.items.append(Item(spec, _all_keys(spec), False))
+        self.items.append(Item(spec, ATTRIBUTE_KEYS[spec.modality], False))
         self.exchange("attach", request, self.say(f"made.{new.modality}", user=False, c=out.words), inputs=[spec], outputs=[new], captions=[out.words])
         self.items.append(out)
         return out
@@ -409,10 +405,6 @@ def _change_words(what: str, spec: Spec, said: bool = False) -> str:
         return x if said else {"large": "bigger", "small": "smaller"}[x]
     return {"colour": x, "shape": f"a {x}", "position": f"on the {x}", "direction": f"moving {x}",
             "pitch": f"{x}-pitched", "timbre": f"a {x}"}[what]  # fmt: skip
-
-
-def _all_keys(spec: Spec) -> tuple[str, ...]:
-    return tuple(k for k in spec.attributes() if isinstance(spec.attributes()[k], str))
 
 
 def _referent(item: Item) -> str:
