@@ -21,9 +21,10 @@ Steps (every one deterministic, every one skipped when its output is already com
    edits of the last output, "the same as a video", references to earlier turns, two or three
    modalities in one message, chit-chat, questions about earlier outputs, requests that use an
    attachment) mixed with the varied-wording single requests.
-   Stage 5 (`<work>/stage5`, from stage 4): a short pass on conversations where a reply with two or
-   three outputs comes four times as often (after stage 4 a second output was rarely emitted: every
-   single-output reply teaches "end after a signal group").
+   Stage 5 (`<work>/stage5`, from stage 4): a pass on conversations where a reply with two or
+   three outputs comes four times as often and edits, references, recalls and attachments twice
+   (after stage 4 a second output was rarely emitted: every single-output reply teaches "end after a
+   signal group"; each group of such a reply follows the words naming it).
 6. refit (`<work>/refit`): the output projectors refitted on the final LLM's states at the signal
    tokens of the stage-3 dialogs, the pairs, the conversations and extra dialogs whose requests name
    the output in varied, partial wordings ("draw a blue square"; `write_dialogs(vary_captions=True)`, seed 4).
@@ -59,9 +60,12 @@ from pathlib import Path
 
 PROG = "python -m bots.train_small"
 STATE_FILE = "state.json"
+DATA_FORMAT = 2  # 2: a reply with several outputs puts each signal group after the words naming it (1: all at the end)
 TRAIN_SEEDS = {"pairs": 1, "dialogs": 2, "refit_dialogs": 4, "conversations": 5, "emphasis": 6}
-# stage 5's conversations: every scenario, "multi" (two or three outputs in one reply) four times as often
-EMPHASIS = ("multi", "multi", "multi", "edit", "convert", "refer", "multi", "chat-create", "recall", "ask", "attach")  # bots.evaluate uses 12345: never a training sample
+# stage 5's conversations: every scenario, "multi" (two or three outputs in one reply) four times as often,
+# the ones the eval found weakest after stage 4 (edit, refer, recall, attach) twice
+EMPHASIS = ("multi", "multi", "multi", "multi", "edit", "edit", "refer", "refer", "recall", "recall", "attach", "attach",
+            "convert", "chat-create", "ask")  # bots.evaluate uses 12345: never a training sample
 
 
 @dataclass
@@ -107,12 +111,12 @@ FULL = Plan(
         # stage 3 continued on conversations (+ the varied single requests, so those stay): the LM loss only, as stage 3
         4: StagePlan(steps=200, batch_size=8, lr=5e-4, max_length=448, save_every=20, warmup=10, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
         # after stage 4 a reply asked for two outputs ended after the first group (P(EOS) 0.85-0.98 where the second
-        # group's first token belonged: every single-output reply teaches "EOS after a group"); a short pass on
-        # conversations where "multi" comes four times as often
-        5: StagePlan(steps=60, batch_size=8, lr=3e-4, max_length=448, save_every=20, warmup=5, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
+        # group's first token belonged: every single-output reply teaches "EOS after a group"); a pass on
+        # conversations weighted by EMPHASIS (multi ×4; edit, refer, recall, attach ×2)
+        5: StagePlan(steps=150, batch_size=8, lr=3e-4, max_length=448, save_every=20, warmup=5, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
     },
     conversations=2400,
-    emphasis=800,
+    emphasis=1200,
 )
 SMOKE = Plan(
     pairs=4,
@@ -199,7 +203,8 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
     from nextgpt.world.dialogs import DIALOGS_FILE, write_dialogs, write_records
 
     data = work / "data"
-    want = {"pairs": plan.pairs, "dialogs": plan.dialogs, "varied": varied, "side": plan.side, "seeds": TRAIN_SEEDS}
+    want = {"pairs": plan.pairs, "dialogs": plan.dialogs, "varied": varied, "side": plan.side, "seeds": TRAIN_SEEDS,
+            "format": DATA_FORMAT}
     if plan.conversations:
         want["conversations"] = plan.conversations
     if plan.emphasis:

@@ -59,6 +59,7 @@ STAGE1_INSTRUCTION = "generate a caption"  # the official stage-1 prompt
 
 _PLACEHOLDER = re.compile(r"<(image|video|audio)>", re.IGNORECASE)
 _SIGNAL_TEXT = re.compile(r"\[(IMG|VID|AUD)(\d+)\]")
+_MARK = "\ue000"  # where a placeholder stood while the reply text is cleaned
 _PREFIX_TO_MODALITY = {spec.prefix: m for m, spec in MODALITIES.items()}
 _MAX_LISTED = 20
 
@@ -100,6 +101,7 @@ class Output:
 
     modality: str
     caption: str | None = None
+    at: int | None = None  # where in the reply text its signal group goes (a character offset); None: at the end
 
 
 @dataclass
@@ -371,8 +373,18 @@ def _gpt_turn(t: dict, value: str, bad) -> Turn | None:
             inline.append(m.group(1).lower())
         elif m.group(3) == "0":
             inline.append(_PREFIX_TO_MODALITY[m.group(2)])
-    text = _SIGNAL_TEXT.sub("", _PLACEHOLDER.sub("", value))
-    text = re.sub(r"[ \t]+\n", "\n", text).strip()
+    # each placeholder / signal group marks where its group goes: "a green square <image> and a beep <audio>"
+    # trains "a green square[IMG0..3] and a beep[AUD0..7]"; one at the very end (the usual case) is at=None
+    marked = _SIGNAL_TEXT.sub(lambda m: _MARK if m.group(2) == "0" else "", _PLACEHOLDER.sub(_MARK, value))
+    marked = re.sub(r"[ \t]+\n", "\n", marked).strip()
+    marked = re.sub(r"[ \t]+" + _MARK, _MARK, marked)  # "square <image> and" -> "square" + group + " and"
+    text, offsets = "", []
+    for piece in marked.split(_MARK):
+        offsets.append(len(text))
+        text += piece
+    lead = len(text) - len(text.lstrip())
+    text = text.strip()
+    offsets = [min(max(o - lead, 0), len(text)) for o in offsets[1:]]
     if explicit is not None:
         modalities = _as_list(explicit)
         if modalities is None or any(m not in MODALITIES for m in modalities):
@@ -396,7 +408,10 @@ def _gpt_turn(t: dict, value: str, bad) -> Turn | None:
             bad(".caption", f"{len(caps)} caption(s) for {len(modalities)} output(s)")
             return None
         captions = [c.strip() for c in caps]
-    return Turn("assistant", text, outputs=[Output(m, c) for m, c in zip(modalities, captions)])
+    ats: list[int | None] = [None] * len(modalities)
+    if len(offsets) == len(modalities):
+        ats = [a if a < len(text) else None for a in offsets]
+    return Turn("assistant", text, outputs=[Output(m, c, a) for m, c, a in zip(modalities, captions, ats)])
 
 
 def load_stage_data(stage: int, files: list[str | Path], media_root: str | Path | None = None) -> list[Dialog]:

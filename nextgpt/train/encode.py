@@ -11,11 +11,13 @@ vicuna_v0 is tokenized as the official training code did (`templates.tokenize_vi
 then each template piece on its own, whitespace around the added tokens dropped — so after a
 signal group the reply's stop is `[IMG3]▁###`, without the newline token, as in the released weights.
 
-Signal tokens are appended as one contiguous group per output (`[IMG0][IMG1][IMG2][IMG3]`, no
+Signal tokens are written as one contiguous group per output (`[IMG0][IMG1][IMG2][IMG3]`, no
 spaces): that is what `generate` produces when it forces a group, so the hidden states the
 projector learns from sit at the same positions as at inference. The official stage-2 target text
 has spaces between them (`[IMG0] [IMG1] ...`); with its tokenizer that puts a space token between
-every signal token, which our `generate` never emits.
+every signal token, which our `generate` never emits. A group goes at the end of the reply, or
+where the reply mentions its output when the data marks the place (`Output.at`: "a green square
+<image> and a high beep <audio>"), so a second group follows words that name it.
 
 Only assistant tokens carry labels. Each user media item is one input position between `<Img>`
 and `</Img>` (filled with the input projection of its encoder vector in the forward pass).
@@ -104,8 +106,7 @@ class DialogEncoder:
             else:
                 context = ["".join(prompt)[len("".join(done)) :]]
             out.append((context, False, []))
-            signals = "".join(tok for o in turn.outputs for tok in MODALITIES[o.modality].signal_tokens)
-            content = turn.text + signals
+            content = with_signals(turn.text, turn.outputs)
             out.append(([content + self.end], True, list(turn.outputs)))
             done = prompt + [content + self.end]
             msgs.append(Message("assistant", content))
@@ -182,6 +183,17 @@ class DialogEncoder:
 
 # --------------------------------------------------------------------------------------------------
 # batches
+
+
+def with_signals(text: str, outputs) -> str:
+    """The reply as the model writes it: each output's signal group where it is mentioned
+    (`Output.at`, a character offset) or, by default, at the end, in the order of the outputs."""
+    pieces, done = [], 0
+    for o in outputs:
+        at = len(text) if o.at is None else max(done, min(o.at, len(text)))
+        pieces += [text[done:at], "".join(MODALITIES[o.modality].signal_tokens)]
+        done = at
+    return "".join(pieces) + text[done:]
 
 
 def align_target(t: torch.Tensor, q: int) -> torch.Tensor:

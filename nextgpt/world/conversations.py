@@ -334,9 +334,13 @@ class Writer:
         request = self.say(f"multi.{k}", a=parts[0], b=parts[1], c=parts[2] if k == 3 else "")
         request = request[0].upper() + request[1:] if self.rng.random() < 0.7 else request
         said = [self.say(f"said.{it.spec.modality}", user=False, c=it.words) for it in items]
-        said = [x[0].lower() + x[1:] for x in said]
+        # each output's signal group right after the words that name it (the last one at the end of
+        # the reply, as in single replies), so the second group follows words that ask for it
+        said = [x[0].lower() + x[1:] + f" <{it.spec.modality}>" for x, it in zip(said, items)]
+        said[-1] = said[-1].rsplit(" <", 1)[0]
         joined = said[0] + " and " + said[1] if k == 2 else f"{said[0]}, {said[1]} and {said[2]}"
-        self.exchange("multi", request, self.say("multi.made", user=False, parts=joined),
+        made = self.say("multi.made", user=False, parts=joined) + f" <{items[-1].spec.modality}>"
+        self.exchange("multi", request, made,
                       outputs=[it.spec for it in items], captions=[it.words for it in items])  # fmt: skip
         self.items += items
         return items
