@@ -47,7 +47,7 @@ eval-world: setup
 
 # NExT-GPT stages 1-3 for the small profile (weights/small/nextgpt); resumable
 train-small: setup
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m bots.train_small --eval 20
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m training.small --eval 20
 
 eval: setup
 	$(BIN)/nextgpt eval --both $(if $(PROFILE),--profile $(PROFILE),--profile small)

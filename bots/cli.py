@@ -177,7 +177,7 @@ def cmd_serve(args) -> int:
 def cmd_train(args) -> int:
     if args.rest[:1] == ["world"]:  # `nextgpt train world ...`: the shapes-world encoder and decoders
         return train_world(args.rest[1:])
-    from bots.train import main as train_main
+    from training.stages import main as train_main
 
     return train_main(list(args.rest) + (["--config", args.config] if args.config else []))
 
@@ -185,15 +185,15 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     if args.rest[:1] == ["world"]:  # `nextgpt eval world ...`
         return eval_world(args.rest[1:])
-    from bots.evaluate import main as evaluate_main
+    from training.evaluate import main as evaluate_main
 
     return evaluate_main(list(args.rest) + (["--config", args.config] if args.config else []))
 
 
 # ---- nextgpt train world / nextgpt eval world ----------------------------------------------------
 # Both run, in this process, the entry points `make train-world` / `make eval-world` used to call:
-# `python -m nextgpt.world.encoder_train train|eval` (the encoder, into ROOT/imagebind) and
-# `python -m tools.world train|eval` (the decoders, into ROOT/{image,audio,video}).
+# `python -m training.world.encoder_train train|eval` (the encoder, into ROOT/imagebind) and
+# `python -m training.decoders train|eval` (the decoders, into ROOT/{image,audio,video}).
 
 WORLD_PARTS = ("encoder", "image", "audio", "video")
 WORLD_DECODERS = ("image", "audio", "video")
@@ -273,7 +273,7 @@ def build_world_eval_parser() -> argparse.ArgumentParser:
 
 
 def _smoke_root(work: Path | None) -> Path:
-    from tools.world.train import default_work
+    from training.decoders.train import default_work
 
     return (work if work is not None else default_work() / "smoke") / "weights"
 
@@ -316,7 +316,7 @@ def train_world(argv: list[str]) -> int:
     args, root, plan = world_train_plan(argv)
     for kind, argv_ in plan:
         if kind == "encoder":
-            from nextgpt.world.encoder_train import main as encoder_main
+            from training.world.encoder_train import main as encoder_main
 
             print(f"== encoder (ImageBind-small) → {root / 'imagebind'}", flush=True)
             try:
@@ -326,7 +326,7 @@ def train_world(argv: list[str]) -> int:
                     raise
                 raise UserError(f"{e} (or run `nextgpt train world --only encoder --no-resume`)") from None
         else:
-            from tools.world.train import main as decoder_main
+            from training.decoders.train import main as decoder_main
 
             which = argv_[argv_.index("--modality") + 1]
             print(f"== decoders ({'image, audio, video' if which == 'all' else which}) → {root}", flush=True)
@@ -366,12 +366,12 @@ def eval_world(argv: list[str]) -> int:
     worst = 0
     for kind, argv_ in plan:  # every part is scored even when an earlier one misses its target
         if kind == "encoder":
-            from nextgpt.world.encoder_train import main as encoder_main
+            from training.world.encoder_train import main as encoder_main
 
             print(f"== encoder: {root / 'imagebind'}", flush=True)
             rc = encoder_main(argv_)
         else:
-            from tools.world.train import main as decoder_main
+            from training.decoders.train import main as decoder_main
 
             print(f"== decoders: {root}", flush=True)
             rc = decoder_main(argv_)
@@ -383,7 +383,7 @@ def eval_world(argv: list[str]) -> int:
 
 def cmd_export(args) -> int:
     if args.official:
-        from bots.train import export_main
+        from training.stages import export_main
 
         extra = ["--profile", args.profile] if args.profile else []
         extra += ["--config", args.config] if args.config else []

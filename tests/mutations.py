@@ -81,7 +81,7 @@ MUTATIONS = [
              'generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]',
              'generator = torch.Generator("cpu").manual_seed(seeds[0])',
              ["tests/test_discord_batch.py", "-k", "video_row"]),
-    Mutation("eval-precision", "signal precision counts unasked media as right", "bots/evaluate.py",
+    Mutation("eval-precision", "signal precision counts unasked media as right", "training/evaluate.py",
              "tp = sum(1 for c in with_media if c.asked)", "tp = len(with_media)",
              ["tests/test_evaluate.py", "-k", "scoring_and_summary or end_to_end"]),
     Mutation("ci-skips", "a skip in CI no longer fails", "tests/conftest.py",

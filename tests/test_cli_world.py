@@ -92,7 +92,7 @@ def test_no_resume_is_for_the_encoder_only(capsys):
 
 
 def test_train_world_plan_matches_the_make_target(tmp_path):
-    # `make train-world` = encoder_train train --threads 2, then tools.world train --modality all --threads 2
+    # `make train-world` = encoder_train train --threads 2, then training.decoders train --modality all --threads 2
     _, root, plan = world_train_plan(["--threads", "2"])
     assert root == Path("weights/small")
     assert plan == [
@@ -141,15 +141,15 @@ def test_eval_world_plan_matches_the_make_target(tmp_path):
 
 
 def test_train_and_eval_pass_everything_else_through(monkeypatch):
-    import bots.evaluate
-    import bots.train
+    import training.evaluate
+    import training.stages
 
     calls = []
-    monkeypatch.setattr(bots.train, "main", lambda argv: calls.append(("train", argv)) or 0)
-    monkeypatch.setattr(bots.evaluate, "main", lambda argv: calls.append(("eval", argv)) or 0)
+    monkeypatch.setattr(training.stages, "main", lambda argv: calls.append(("train", argv)) or 0)
+    monkeypatch.setattr(training.evaluate, "main", lambda argv: calls.append(("eval", argv)) or 0)
     assert main(["--config", "c.yaml", "train", "--stage", "1", "--data", "d.json", "--resume"]) == 0
     assert main(["eval", "--profile", "small", "--n", "3", "--json"]) == 0
-    assert main(["eval"]) == 0  # no profile: bots.evaluate's default
+    assert main(["eval"]) == 0  # no profile: training.evaluate's default
     assert main(["--config", "c.yaml", "eval", "-p", "tiny"]) == 0
     assert calls == [
         ("train", ["--stage", "1", "--data", "d.json", "--resume", "--config", "c.yaml"]),

@@ -1,11 +1,11 @@
-"""Multi-turn MosIT conversations (nextgpt.world.conversations) and their scoring (`nextgpt eval --dialogs`)."""
+"""Multi-turn MosIT conversations (training.world.conversations) and their scoring (`nextgpt eval --dialogs`)."""
 
 from dataclasses import replace
 
 import pytest
 
-from nextgpt.world.conversations import SCENARIOS, W, sample_conversations, sample_scenarios
-from nextgpt.world.spec import AudioSpec, ImageSpec
+from training.world.conversations import SCENARIOS, W, sample_conversations, sample_scenarios
+from training.world.spec import AudioSpec, ImageSpec
 
 
 def _last(turns):
@@ -75,8 +75,8 @@ def test_eval_wording_is_never_a_training_wording():
 
 
 def test_records_round_trip_with_several_outputs(tmp_path, settings):
-    from nextgpt.train.data import read_dialogs_file
-    from nextgpt.world.dialogs import write_records
+    from training.trainer.data import read_dialogs_file
+    from training.world.dialogs import write_records
 
     convs = sample_scenarios("multi", 3, seed=5, wording="train") + sample_scenarios("attach", 3, seed=5, wording="train")
     path = write_records(tmp_path / "d", convs, 32, outputs=True)
@@ -91,9 +91,9 @@ def test_records_round_trip_with_several_outputs(tmp_path, settings):
 
 
 def test_a_multi_output_reply_trains_one_signal_group_per_output(tiny_model, tmp_path):
-    from nextgpt.train.data import read_dialogs_file
-    from nextgpt.train.encode import DialogEncoder
-    from nextgpt.world.dialogs import write_records
+    from training.trainer.data import read_dialogs_file
+    from training.trainer.encode import DialogEncoder
+    from training.world.dialogs import write_records
 
     convs = sample_scenarios("multi", 4, seed=6, wording="train")
     dialogs = read_dialogs_file(write_records(tmp_path / "m", convs, 32, outputs=False))
@@ -122,7 +122,7 @@ def rendered(tmp_path_factory):
 
 
 def test_dialog_scoring_checks_attributes_order_and_answers(rendered):
-    from bots.evaluate import DialogCase, score_dialog_turn
+    from training.evaluate import DialogCase, score_dialog_turn
 
     blue = ImageSpec("circle", "blue", "large", "center")
     edit = DialogCase("edit", [{"from": "human", "value": "now make it blue"},

@@ -1,4 +1,4 @@
-"""bots.evaluate and bots.train_small end to end on the tiny profile (the numbers are noise; the
+"""training.evaluate and training.small end to end on the tiny profile (the numbers are noise; the
 harness, the scoring and the files are what is tested)."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 
 
 def test_build_cases_deterministic_and_fresh(tmp_path):
-    from bots.evaluate import DIRECTIONS, PLAIN, build_cases
+    from training.evaluate import DIRECTIONS, PLAIN, build_cases
 
     a = build_cases(3, 12345, tmp_path / "a")
     b = build_cases(3, 12345, tmp_path / "b")
@@ -22,9 +22,9 @@ def test_build_cases_deterministic_and_fresh(tmp_path):
 
 
 def test_scoring_and_summary(tmp_path):
-    from bots.evaluate import Case, _score_case, summarize
-    from nextgpt.world.dataset import write_media
-    from nextgpt.world.spec import ImageSpec
+    from training.evaluate import Case, _score_case, summarize
+    from training.world.dataset import write_media
+    from training.world.spec import ImageSpec
 
     truth = ImageSpec("triangle", "green", "large", "left")
     png = tmp_path / "x.png"
@@ -48,7 +48,7 @@ def test_scoring_and_summary(tmp_path):
 
 
 def test_evaluate_tiny_end_to_end(settings, tiny_assistant, tmp_path, capsys):
-    from bots.evaluate import DIRECTIONS, evaluate, format_markdown, print_table
+    from training.evaluate import DIRECTIONS, evaluate, format_markdown, print_table
 
     result = evaluate(settings, "tiny", n_per_direction=2, seed=7, out_dir=tmp_path, plain=2,
                       max_new_tokens=8, progress=False, assistant=tiny_assistant)  # fmt: skip
@@ -67,7 +67,7 @@ def test_evaluate_tiny_end_to_end(settings, tiny_assistant, tmp_path, capsys):
 def assert_summary_matches_cases(result, cases, *, n):
     """The table's numbers are the per-case outcomes counted: accuracy per direction, signal
     precision (replies with media that were asked for one) and recall (asked modality delivered)."""
-    from bots.evaluate import DIRECTIONS
+    from training.evaluate import DIRECTIONS
 
     for d in DIRECTIONS:
         mine = [c for c in cases if c["direction"] == d]
@@ -89,7 +89,7 @@ def assert_summary_matches_cases(result, cases, *, n):
 
 def test_evaluate_cli_json(monkeypatch, capsys, tmp_path, tiny_model):
     import assistant.agent as agent
-    from bots.evaluate import main
+    from training.evaluate import main
 
     monkeypatch.setattr(agent.Assistant, "model", property(lambda self: tiny_model))  # the session's tiny model
     rc = main(["--profile", "tiny", "--n", "1", "--plain", "1", "--max-new-tokens", "4", "--json", "--out", str(tmp_path)])
@@ -104,7 +104,7 @@ def test_evaluate_cli_json(monkeypatch, capsys, tmp_path, tiny_model):
 @pytest.mark.slow
 def test_train_small_smoke(tmp_path, monkeypatch):
     """The whole recipe at toy size: data, stages 1-4, refit, publish + model card; then a re-run skips everything."""
-    from bots.train_small import main
+    from training.small import main
     from nextgpt.checkpoint import load_checkpoint
 
     work, out = tmp_path / "work", tmp_path / "ckpt"
@@ -140,7 +140,7 @@ def test_train_small_smoke(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_train_small_published_checkpoint_loads(tmp_path, settings):
     """The float16 files that publish() writes load into the profile's float32 model and generate."""
-    from bots.train_small import main
+    from training.small import main
     from nextgpt.model import Message, NextGPT
 
     work, out = tmp_path / "work", tmp_path / "ckpt"
@@ -156,7 +156,7 @@ def test_fold_standardisation_keeps_the_projector_function():
     projector must give the same output on the raw states."""
     import torch
 
-    from bots.train_small import fold_standardisation
+    from training.small import fold_standardisation
 
     torch.manual_seed(0)
     fc = torch.nn.Linear(6, 3)

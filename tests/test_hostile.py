@@ -136,9 +136,9 @@ class _Evil:
 @pytest.mark.slow
 def test_resume_does_not_execute_a_planted_pickle(settings, cache_dir, tmp_path, one_torch_thread):
     from nextgpt.model import NextGPT
-    from nextgpt.train import TrainConfig, Trainer, load_stage_data
-    from nextgpt.train.trainer import TrainError
-    from nextgpt.world.dataset import write_pairs
+    from training.trainer import TrainConfig, Trainer, load_stage_data
+    from training.trainer.trainer import TrainError
+    from training.world.dataset import write_pairs
 
     write_pairs(tmp_path / "d", "image", 2, 0, side=32)
     dialogs = load_stage_data(1, [tmp_path / "d" / "image_pairs.json"])

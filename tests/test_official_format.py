@@ -95,10 +95,10 @@ def test_text_reply_ends_with_a_newline_stop(tok):
 
 
 def test_training_examples_have_the_same_ids(tok, tmp_path):
-    """nextgpt.train.encode renders dialogs with the same pieces: the context is the prompt above,
+    """training.trainer.encode renders dialogs with the same pieces: the context is the prompt above,
     the trained reply `{reply}{signals}\\n###` is `▁Sure [IMG0..3] ▁###`."""
-    from nextgpt.train.data import Dialog, Output, Turn
-    from nextgpt.train.encode import IGNORE, DialogEncoder
+    from training.trainer.data import Dialog, Output, Turn
+    from training.trainer.encode import IGNORE, DialogEncoder
 
     img = tmp_path / "x.png"
     dialog = Dialog([Turn("user", "what is this?", media=[("image", img)]),

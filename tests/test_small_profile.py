@@ -35,7 +35,7 @@ def ask(prompt: str, tmp_path: Path, *attach: Path, seed: int = 0) -> dict:
 def test_small_profile_done_means(tmp_path):
     import soundfile as sf
 
-    from nextgpt.world.analyze import analyze, parse_caption
+    from training.world.analyze import analyze, parse_caption
 
     # "draw a large green triangle" → a PNG of one
     reply = ask("draw a large green triangle", tmp_path)

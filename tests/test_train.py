@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 from nextgpt.checkpoint import load_checkpoint
 from nextgpt.model import NextGPT
-from nextgpt.train import TargetCache, TrainConfig, Trainer, load_stage_data
-from nextgpt.train.rows import N_NEW
-from nextgpt.world.dataset import write_pairs
-from nextgpt.world.dialogs import write_dialogs
+from training.trainer import TargetCache, TrainConfig, Trainer, load_stage_data
+from training.trainer.rows import N_NEW
+from training.world.dataset import write_pairs
+from training.world.dialogs import write_dialogs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,7 +51,7 @@ def _cfg(out, **kw):
 
 
 def _cli(*args):
-    from bots.train import main
+    from training.stages import main
 
     return main([*map(str, args), "--no-progress", "--log-every", "100"])
 
@@ -165,7 +165,7 @@ def test_stage2_cli_trains_the_output_projectors(data, tmp_path, capsys, setting
 @pytest.fixture(scope="module")
 def stage3_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("s3") / "run"
-    from bots.train import main
+    from training.stages import main
 
     rc = main(["--stage", "3", "--data", str(data / "dialogs" / "dialogs.json"), "--output", str(out), "--init", "none",
                "--steps", "10", "--batch-size", "8", "--lr", "2e-2", "--warmup", "1", "--lora-r", "4",
@@ -201,7 +201,7 @@ def test_stage3_cli_lora_instruction_tuning(stage3_run, settings, cache_dir):
 def test_export_official_round_trip(stage3_run, settings, cache_dir, tmp_path):
     from nextgpt.checkpoint import convert_official
     from nextgpt.llm import load_llm
-    from nextgpt.train.export import export_official
+    from training.trainer.export import export_official
 
     profile = settings.profile("tiny")
     base = load_llm(profile.llm, cache_dir, torch.device("cpu"), torch.float32)
@@ -225,7 +225,7 @@ def test_export_official_round_trip(stage3_run, settings, cache_dir, tmp_path):
     # official convention α = 32: lora_B carries our α/32 (= 1/8 here, exact), the merged weights are equal
     assert a.keys() == b.keys() and all(torch.equal(a[k] * (4 / 32 if "lora_B" in k else 1), b[k]) for k in a)
     # the CLI front end
-    from bots.train import main
+    from training.stages import main
 
     assert main(["export", "--official", str(stage3_run), str(tmp_path / "cli"), "--dtype", "float16"]) == 0
     assert torch.load(tmp_path / "cli" / "pytorch_model.pt", weights_only=True)["llama_proj.weight"].dtype == torch.float16
@@ -239,7 +239,7 @@ def test_training_from_a_converted_official_checkpoint(stage3_run, settings, cac
 
     from nextgpt.checkpoint import convert_official
     from nextgpt.llm import load_llm
-    from nextgpt.train.export import export_official
+    from training.trainer.export import export_official
 
     profile = settings.profile("tiny")
     base = load_llm(profile.llm, cache_dir, torch.device("cpu"), torch.float32)
@@ -285,7 +285,7 @@ def test_two_process_accelerate_run_stays_in_sync(data, tmp_path, cache_dir):
     # and on a machine without CUDA the trainer picks the CPU (gloo) itself
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "-m", "bots.train", "--stage", "3", "--data", str(data / "dialogs" / "dialogs.json"), "--output", str(out),
+           "-m", "training.stages", "--stage", "3", "--data", str(data / "dialogs" / "dialogs.json"), "--output", str(out),
            "--init", "none", "--steps", "6", "--batch-size", "2", "--lr", "2e-2", "--warmup", "1", "--lora-r", "4",
            "--lora-alpha", "4", "--save-every", "3", "--no-progress", "--dump-rank-state"]  # fmt: skip
     env["CUDA_VISIBLE_DEVICES"] = ""  # this test is about CPU data-parallel (gloo), even on a GPU machine

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from nextgpt.tokens import MODALITIES
-from nextgpt.train import DataError, DialogEncoder, align_target, load_stage_data, read_dialogs_file, read_pairs_file
-from nextgpt.train.data import Dialog, Output, Turn
-from nextgpt.world.dataset import write_pairs
-from nextgpt.world.dialogs import sample_dialogs, write_dialogs
+from training.trainer import DataError, DialogEncoder, align_target, load_stage_data, read_dialogs_file, read_pairs_file
+from training.trainer.data import Dialog, Output, Turn
+from training.world.dataset import write_pairs
+from training.world.dialogs import sample_dialogs, write_dialogs
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,7 @@ def test_only_assistant_tokens_have_labels(tiny_model, pairs_dir):
 def test_chat_template_replies_end_with_eos(tiny_model):
     import copy
 
-    from nextgpt.train import TemplateError
+    from training.trainer import TemplateError
 
     tok = copy.deepcopy(tiny_model.tokenizer)
     dialog = Dialog([Turn("user", "hi"), Turn("assistant", "hello", outputs=[Output("image", "x")]), Turn("user", "more"),
@@ -220,7 +220,7 @@ def test_dialog_generator(tmp_path):
     assert a.read_bytes() == b.read_bytes()
     for f in (tmp_path / "a").rglob("*.*"):
         other = tmp_path / "b" / f.relative_to(tmp_path / "a")
-        # MP4 bytes: nextgpt.world.dataset.write_mp4 is not always byte-reproducible (x264); same frames
+        # MP4 bytes: training.world.dataset.write_mp4 is not always byte-reproducible (x264); same frames
         assert other.is_file() and (f.suffix == ".mp4" or f.read_bytes() == other.read_bytes())
     assert sample_dialogs(6, 4) != sample_dialogs(6, 3)
 
@@ -252,8 +252,8 @@ def test_dialog_generator_varied_captions(tmp_path):
     """vary_captions: create turns name their output in partial / paraphrased words, the caption
     (projector target) is exactly those words, and `attributes` keeps only what they say; the
     default is unchanged (the full canonical caption), so earlier data sets stay reproducible."""
-    from nextgpt.world.analyze import parse_caption
-    from nextgpt.world.captions import canonical_caption
+    from training.world.analyze import parse_caption
+    from training.world.captions import canonical_caption
 
     plain = [t for d in sample_dialogs(80, 5) for t in d if t["kind"] == "create" and t["from"] == "gpt"]
     assert all(t["caption"] == canonical_caption(t["output"]) for t in plain)
@@ -284,7 +284,7 @@ def test_dialog_generator_varied_captions(tmp_path):
 def test_new_rows_are_the_only_trainable_embedding_parameters(tied):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from nextgpt.train.rows import N_NEW, NewRows
+    from training.trainer.rows import N_NEW, NewRows
 
     torch.manual_seed(0)
     llm = LlamaForCausalLM(LlamaConfig(vocab_size=50 + N_NEW, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -311,7 +311,7 @@ def test_new_rows_are_the_only_trainable_embedding_parameters(tied):
 
 
 def test_target_cache_shards(tmp_path):
-    from nextgpt.train import TargetCache
+    from training.trainer import TargetCache
 
     cache = TargetCache({"image": tmp_path / "img", "audio": tmp_path / "aud"}, flush_every=2)
     caps = [f"a red circle {i}" for i in range(5)]

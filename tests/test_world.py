@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from nextgpt.world import analyze as A
-from nextgpt.world.captions import canonical_caption, caption_audio, caption_image, caption_video
-from nextgpt.world.dataset import NAME_KEYS, read_pairs, write_all, write_pairs
-from nextgpt.world.render import draw_image, draw_video, synth_audio
-from nextgpt.world.spec import (
+from training.world import analyze as A
+from training.world.captions import canonical_caption, caption_audio, caption_image, caption_video
+from training.world.dataset import NAME_KEYS, read_pairs, write_all, write_pairs
+from training.world.render import draw_image, draw_video, synth_audio
+from training.world.spec import (
     ATTRIBUTE_KEYS,
     COLOURS,
     DIRECTIONS,
@@ -117,7 +117,7 @@ def test_files_decode_to_the_contract(generated):
 
 
 def test_cli_generate(tmp_path):
-    from nextgpt.world.__main__ import main
+    from training.world.__main__ import main
 
     assert main(["generate", "--out", str(tmp_path), "--modality", "image", "--n", "3", "--seed", "1", "--quiet"]) == 0
     assert len(json.loads((tmp_path / "image_pairs.json").read_text())) == 3

@@ -1,4 +1,4 @@
-"""The shapes-world decoders (tools/world): smoke training, resume, the committed pipelines."""
+"""The shapes-world decoders (training/decoders): smoke training, resume, the committed pipelines."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """`python -m tools.world train --smoke` (all three modalities), run once for this module."""
-    from tools.world.train import train
+    """`python -m training.decoders train --smoke` (all three modalities), run once for this module."""
+    from training.decoders.train import train
 
     work = tmp_path_factory.mktemp("world-smoke")
     return train(smoke=True, work=work, quiet=True, threads=1)
@@ -38,8 +38,8 @@ def smoke(tmp_path_factory):
 def test_tokenizers_keep_world_words_whole_and_round_trip(tmp_path):
     from transformers import CLIPTokenizer, RobertaTokenizer
 
-    from tools.world import build
-    from tools.world.data import LABELS
+    from training.decoders import build
+    from training.decoders.data import LABELS
 
     words = sorted({w for values in LABELS.values() for w in values})
     for make, cls in ((build.clip_tokenizer, CLIPTokenizer), (build.roberta_tokenizer, RobertaTokenizer)):
@@ -55,7 +55,7 @@ def test_tokenizers_keep_world_words_whole_and_round_trip(tmp_path):
 
 
 def test_griffin_lim_vocoder_keeps_pitch_and_timbre(tmp_path):
-    from nextgpt.world import AudioSpec, analyze_audio, synth_audio
+    from training.world import AudioSpec, analyze_audio, synth_audio
     from tools.world.vocoder import GriffinLimVocoder
 
     GriffinLimVocoder().save_pretrained(tmp_path)
@@ -70,7 +70,7 @@ def test_griffin_lim_vocoder_keeps_pitch_and_timbre(tmp_path):
 
 
 def test_checkpoint_resume_reproduces_an_uninterrupted_run(tmp_path):
-    from tools.world.train import SMOKE_RECIPE, Trainer
+    from training.decoders.train import SMOKE_RECIPE, Trainer
 
     straight = Trainer(SMOKE_RECIPE, tmp_path / "a", quiet=True)
     full = straight.text_clap()
@@ -96,7 +96,7 @@ def test_checkpoint_resume_reproduces_an_uninterrupted_run(tmp_path):
 
 
 def test_checkpoints_are_safetensors_and_json(tmp_path):
-    from tools.world.train import load_checkpoint, load_optimizer, optimizer_tensors, save_checkpoint
+    from training.decoders.train import load_checkpoint, load_optimizer, optimizer_tensors, save_checkpoint
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -138,7 +138,7 @@ def _render(modality: str, source: Path, out: Path, caption: str, **cfg):
 
 
 def _check_media(modality: str, media, side: int) -> None:
-    from nextgpt.world.analyze import load_audio, load_rgb, load_video
+    from training.world.analyze import load_audio, load_rgb, load_video
 
     if modality == "image":
         assert load_rgb(media.path).shape == (side, side, 3) and (media.width, media.height) == (side, side)
@@ -153,7 +153,7 @@ def _check_media(modality: str, media, side: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("modality", ["image", "audio", "video"])
 def test_smoke_pipelines_render_through_the_decoder_tools(smoke, modality, tmp_path):
-    from tools.world.evaluate import SETTINGS
+    from training.decoders.evaluate import SETTINGS
 
     cfg = {**SETTINGS[modality], "steps": 2}
     caption = {"image": "a large red circle on the left", "audio": "a high-pitched beep", "video": "a blue square moving up"}[modality]
@@ -168,7 +168,7 @@ def test_smoke_pipelines_render_through_the_decoder_tools(smoke, modality, tmp_p
 @pytest.mark.slow
 @pytest.mark.parametrize("modality", ["image", "audio", "video"])
 def test_committed_pipelines_load_and_render(modality, tmp_path):
-    from tools.world.evaluate import SETTINGS
+    from training.decoders.evaluate import SETTINGS
 
     source = _committed(modality)
     caption = {"image": "a small green triangle on the right", "audio": "a low-pitched buzz", "video": "a red circle moving right"}[modality]
@@ -179,8 +179,8 @@ def test_committed_pipelines_load_and_render(modality, tmp_path):
 @pytest.mark.slow
 def test_committed_image_decoder_draws_the_right_colours(tmp_path):
     """6 canonical captions, one per colour: at least 5 images with the right colour."""
-    from nextgpt.world import ImageSpec, analyze_image, canonical_caption
-    from tools.world.evaluate import make_tool
+    from training.world import ImageSpec, analyze_image, canonical_caption
+    from training.decoders.evaluate import make_tool
 
     _committed("image")
     tool = make_tool("image", WEIGHTS, tmp_path / "cache", tmp_path)

@@ -1,4 +1,4 @@
-"""The small ImageBind trained on the shapes world (nextgpt.world.encoder_train) and its weights."""
+"""The small ImageBind trained on the shapes world (training.world.encoder_train) and its weights."""
 
 import json
 from pathlib import Path
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from nextgpt.world import encoder_train as et
-from nextgpt.world.spec import AudioSpec, ImageSpec, VideoSpec
+from training.world import encoder_train as et
+from training.world.spec import AudioSpec, ImageSpec, VideoSpec
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights" / "small" / "imagebind"
 WEIGHTS = WEIGHTS_DIR / "model.safetensors"
@@ -49,7 +49,7 @@ def test_training_inputs_are_the_inference_inputs(tmp_path):
     """The training batch's tensors are what MediaEncoder.preprocess makes of the written files."""
     from nextgpt.config import EncoderConfig
     from nextgpt.encoder import MediaEncoder
-    from nextgpt.world.dataset import write_media
+    from training.world.dataset import write_media
 
     enc = MediaEncoder(EncoderConfig(source="tiny"), tmp_path / "cache")
     cases = [("image", ImageSpec("square", "green", "small", "right"), "png", 0.0),
@@ -129,7 +129,7 @@ def test_resume_continues_the_step_count_and_the_same_run(tmp_path):
 def test_committed_weights_load_through_load_imagebind(tmp_path):
     from nextgpt.config import EncoderConfig
     from nextgpt.encoder import MediaEncoder, load_imagebind
-    from nextgpt.world.dataset import write_media
+    from training.world.dataset import write_media
 
     arch = json.loads((WEIGHTS_DIR / "arch.json").read_text())
     assert WEIGHTS.stat().st_size <= 15_000_000

@@ -1,13 +1,9 @@
-"""The `small` profile's diffusion decoders, trained on the shapes world (nextgpt.world).
+"""What the runtime needs to load the `small` profile's shapes-world decoders.
 
-- `tools.world.build`    tokenizers, text encoders, VAEs, UNets, schedulers, pipeline assembly
 - `tools.world.vocoder`  GriffinLimVocoder: AudioLDMPipeline's vocoder slot, no learned weights
-- `tools.world.data`     the world's samples and captions as training data
-- `tools.world.train`    resumable, seeded training; `python -m tools.world train [--smoke]`
-- `tools.world.evaluate` generation through the decoder tools, scored by the world's analyzer;
-                         `python -m tools.world eval`
 
-Trained pipelines live in weights/small/{image,audio,video} (model card: weights/small/DECODERS.md).
-Importing this package imports nothing heavy; loading the audio pipeline needs
-`tools.world.vocoder` imported first (diffusers imports no module a model_index.json names).
+The decoders are built and trained by the training wing (`training.decoders`); the pipelines live
+in weights/small/{image,audio,video} (model card: weights/small/DECODERS.md). Importing this package
+imports nothing heavy; loading the audio pipeline needs `tools.world.vocoder` imported first
+(diffusers imports no module a model_index.json names).
 """

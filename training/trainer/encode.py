@@ -33,7 +33,7 @@ import torch
 
 from nextgpt import templates
 from nextgpt.tokens import MEDIA_END, MEDIA_START, MODALITIES
-from nextgpt.train.data import Dialog
+from training.trainer.data import Dialog
 
 IGNORE = -100
 

@@ -4,14 +4,14 @@ Coloured shapes on white (images), beeps and buzzes (audio), moving shapes (vide
 captions, pair-data files in the official NExT-GPT format, and an analyzer that reads the
 attributes back from media and text for evaluation. numpy / PIL / soundfile / PyAV only.
 
-`nextgpt.world.analyze` is the analyzer module (its dispatcher is `analyze.analyze(modality, media)`).
+`training.world.analyze` is the analyzer module (its dispatcher is `analyze.analyze(modality, media)`).
 """
 
-from nextgpt.world.analyze import analyze_audio, analyze_image, analyze_video, parse_caption, score
-from nextgpt.world.captions import canonical_caption, caption_audio, caption_image, caption_video
-from nextgpt.world.dataset import read_pairs, write_all, write_pairs
-from nextgpt.world.render import draw_image, draw_video, synth_audio
-from nextgpt.world.spec import (
+from training.world.analyze import analyze_audio, analyze_image, analyze_video, parse_caption, score
+from training.world.captions import canonical_caption, caption_audio, caption_image, caption_video
+from training.world.dataset import read_pairs, write_all, write_pairs
+from training.world.render import draw_image, draw_video, synth_audio
+from training.world.spec import (
     ATTRIBUTE_KEYS,
     COLOURS,
     DIRECTIONS,

@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from nextgpt.world.captions import fill
-from nextgpt.world.spec import (
+from training.world.captions import fill
+from training.world.spec import (
     ATTRIBUTE_KEYS,
     COLOURS,
     DIRECTIONS,

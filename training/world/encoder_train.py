@@ -33,8 +33,8 @@ written atomically every `checkpoint_every` steps; `train(..., resume=True)` con
 The result is `out_dir/model.safetensors` + `arch.json` (what `nextgpt.encoder.load_imagebind`
 reads: `EncoderConfig(source=".../model.safetensors")`) + `train.json` (recipe and metrics).
 
-    python -m nextgpt.world.encoder_train train [--out weights/small/imagebind] [--steps N] [--smoke]
-    python -m nextgpt.world.encoder_train eval  [--weights weights/small/imagebind] [--n 100]
+    python -m training.world.encoder_train train [--out weights/small/imagebind] [--steps N] [--smoke]
+    python -m training.world.encoder_train eval  [--weights weights/small/imagebind] [--n 100]
 
 ImageBind's code is CC BY-NC-SA 4.0 (Meta); the weights trained here inherit that notice.
 """
@@ -59,10 +59,10 @@ import torch.nn.functional as F
 
 from nextgpt import media
 from nextgpt.encoder import write_atomic
-from nextgpt.world.analyze import parse_caption
-from nextgpt.world.captions import canonical_caption, caption
-from nextgpt.world.render import draw_image, draw_video, synth_audio
-from nextgpt.world.spec import (
+from training.world.analyze import parse_caption
+from training.world.captions import canonical_caption, caption
+from training.world.render import draw_image, draw_video, synth_audio
+from training.world.spec import (
     ATTRIBUTE_KEYS,
     COLOURS,
     DIRECTIONS,
@@ -692,8 +692,8 @@ def evaluate(
 
     Returns {modality: {"n", "top1", "top5", "candidates", "attributes": {key: acc}}, "seconds"}.
     """
-    from nextgpt.world.dataset import read_pairs, write_pairs
-    from nextgpt.world.spec import spec_from_attributes
+    from training.world.dataset import read_pairs, write_pairs
+    from training.world.spec import spec_from_attributes
 
     weights_dir = Path(weights_dir)
     t0 = time.perf_counter()
@@ -766,7 +766,7 @@ def print_results(results: dict[str, Any]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m nextgpt.world.encoder_train",
+        prog="python -m training.world.encoder_train",
         description="Train / evaluate the small ImageBind on the shapes world.",
     )
     sub = parser.add_subparsers(dest="command", required=True)

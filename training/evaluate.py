@@ -1,9 +1,9 @@
 """`nextgpt eval`: score a profile on the shapes world, per direction, on a fresh seed.
 
-    python -m bots.evaluate [--profile small] [--n 20] [--seed 12345] [--json] [--out DIR]
+    python -m training.evaluate [--profile small] [--n 20] [--seed 12345] [--json] [--out DIR]
 
-Every prompt is built from a spec sampled with `--seed` (never a training seed: `bots.train_small`
-uses 1 and 2) and worded with templates that differ from the training dialogs' (`nextgpt.world.dialogs`).
+Every prompt is built from a spec sampled with `--seed` (never a training seed: `training.small`
+uses 1 and 2) and worded with templates that differ from the training dialogs' (`training.world.dialogs`).
 The model decides on its own whether to answer with media (`want=[]`): nothing is forced. Text is
 sampled with the profile's `generation` settings and a fixed seed per prompt (seed + index), media
 with the profile's decoder settings and the same seed, so a run is reproducible.
@@ -119,9 +119,9 @@ class Case:
 def build_cases(n: int, seed: int, media_dir: Path, side: int = 64, plain: int | None = None) -> list[Case]:
     """n cases per direction + the plain prompts (all of `PLAIN`, or the first `plain`), with the
     inputs of the X→text cases rendered into media_dir. Deterministic in (n, seed)."""
-    from nextgpt.world.captions import fill
-    from nextgpt.world.dataset import EXTENSIONS, write_media
-    from nextgpt.world.spec import sample_spec
+    from training.world.captions import fill
+    from training.world.dataset import EXTENSIONS, write_media
+    from training.world.spec import sample_spec
 
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), _STREAM]))
     media_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ def build_cases(n: int, seed: int, media_dir: Path, side: int = 64, plain: int |
 
 
 def _score_case(case: Case, text: str, media: dict[str, list], failures: list[str]) -> None:
-    from nextgpt.world.analyze import analyze, parse_caption, score
+    from training.world.analyze import analyze, parse_caption, score
 
     r = case.result
     r["text"] = text
@@ -303,7 +303,7 @@ def evaluate(
 # ----------------------------------------------------------------------------------------- dialogs
 # `nextgpt eval --dialogs`: whole conversations, driven live — each user turn in order, the model's
 # OWN replies kept in the context (as `nextgpt chat` keeps them: the reply's trace) — and the last
-# turn scored. Scenarios, wording and attributes come from `nextgpt.world.conversations` with its
+# turn scored. Scenarios, wording and attributes come from `training.world.conversations` with its
 # held-out wording pool and the evaluation seed, so no request is a training sentence.
 
 DIALOG_TARGET = 0.90
@@ -321,8 +321,8 @@ class DialogCase:
 
 def build_dialog_cases(n: int, seed: int, media_dir: Path, side: int = 64, scenarios=None) -> list[DialogCase]:
     """n conversations per scenario (held-out wording), their input media rendered into media_dir."""
-    from nextgpt.world.conversations import SCENARIOS, sample_scenarios
-    from nextgpt.world.dataset import EXTENSIONS, write_media
+    from training.world.conversations import SCENARIOS, sample_scenarios
+    from training.world.dataset import EXTENSIONS, write_media
 
     media_dir.mkdir(parents=True, exist_ok=True)
     cases = []
@@ -343,7 +343,7 @@ def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: li
     """The last turn against the script: media turns — each asked output present, in the order asked,
     its main attributes (and the edited one) right in the decoded file; question turns — the answer
     word in the text and no media."""
-    from nextgpt.world.analyze import analyze, parse_caption, score
+    from training.world.analyze import analyze, parse_caption, score
 
     truth = case.turns[-1]
     r: dict[str, Any] = {"text": text, "signals": signals, "finish_reason": finish}
@@ -602,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         assistant.output_dir = Path(holder.name)
     progress = not args.json and sys.stderr.isatty()
     if args.scenario:
-        from nextgpt.world.conversations import SCENARIOS
+        from training.world.conversations import SCENARIOS
 
         unknown = [x for x in args.scenario if x not in SCENARIOS]
         if unknown:

@@ -8,14 +8,14 @@
 - `trainer`: `TrainConfig`, `Trainer` (loss, optimizer, checkpoints, resume, data-parallel).
 - `export`: our checkpoint → the official `pytorch_model.pt` key layout.
 
-The core never runs a decoder: the front end (`bots/train.py`) computes the targets with the
+The core never runs a decoder: the front end (`training/stages.py`) computes the targets with the
 decoder tools and passes them in.
 """
 
-from nextgpt.train.data import DataError, Dialog, Output, Pair, Turn, load_stage_data, read_dialogs_file, read_pairs_file
-from nextgpt.train.encode import Collator, DialogEncoder, Example, TemplateError, align_target
-from nextgpt.train.targets import TargetCache, caption_key
-from nextgpt.train.trainer import STAGE_GROUPS, TrainConfig, Trainer, TrainError, TrainResult, make_accelerator
+from training.trainer.data import DataError, Dialog, Output, Pair, Turn, load_stage_data, read_dialogs_file, read_pairs_file
+from training.trainer.encode import Collator, DialogEncoder, Example, TemplateError, align_target
+from training.trainer.targets import TargetCache, caption_key
+from training.trainer.trainer import STAGE_GROUPS, TrainConfig, Trainer, TrainError, TrainResult, make_accelerator
 
 __all__ = [
     "STAGE_GROUPS",

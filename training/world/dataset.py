@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from nextgpt.world.captions import caption
-from nextgpt.world.render import draw_image, draw_video, synth_audio
-from nextgpt.world.spec import MODALITIES, SAMPLE_RATE, VIDEO_FPS, Spec, sample_spec
+from training.world.captions import caption
+from training.world.render import draw_image, draw_video, synth_audio
+from training.world.spec import MODALITIES, SAMPLE_RATE, VIDEO_FPS, Spec, sample_spec
 
 FOLDERS = {"image": "images", "audio": "audios", "video": "videos"}
 EXTENSIONS = {"image": "png", "audio": "wav", "video": "mp4"}

@@ -19,7 +19,7 @@ Each dialog has 2–4 exchanges, each one of:
 Every turn has a `kind`; media turns have `attributes` (the spec, the ground truth). gpt turns
 that create media also name the reference rendering of their output (`image_name`, ...; not fed
 to the model). Everything is a function of (n, seed, side): the same arguments give byte-identical
-files. `python -m nextgpt.world.dialogs OUT_DIR --n 100 --seed 0` writes a set.
+files. `python -m training.world.dialogs OUT_DIR --n 100 --seed 0` writes a set.
 
 `vary_captions=True` (`--vary-captions`): the create requests and replies name the output the many
 ways users do — "a blue square", "a large blue square", "a blue square on the left", … — instead of
@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from nextgpt.world.analyze import parse_caption
-from nextgpt.world.captions import canonical_caption, fill
-from nextgpt.world.dataset import EXTENSIONS, FOLDERS, NAME_KEYS, write_media
-from nextgpt.world.spec import (
+from training.world.analyze import parse_caption
+from training.world.captions import canonical_caption, fill
+from training.world.dataset import EXTENSIONS, FOLDERS, NAME_KEYS, write_media
+from training.world.spec import (
     COLOURS,
     DIRECTIONS,
     PITCHES,
@@ -299,7 +299,7 @@ def write_records(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nextgpt.world.dialogs", description="Write shapes-world MosIT dialogs (stage-3 data).")
+    p = argparse.ArgumentParser(prog="python -m training.world.dialogs", description="Write shapes-world MosIT dialogs (stage-3 data).")
     p.add_argument("out_dir")
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -307,10 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-outputs", action="store_true", help="don't render the reference outputs")
     p.add_argument("--vary-captions", action="store_true", help="name requested outputs in varied, partial wordings")
     p.add_argument("--conversations", action="store_true",
-                   help="multi-turn conversations instead (edits, follow-ups, several outputs at once; nextgpt.world.conversations)")
+                   help="multi-turn conversations instead (edits, follow-ups, several outputs at once; training.world.conversations)")
     args = p.parse_args(argv)
     if args.conversations:
-        from nextgpt.world.conversations import sample_conversations
+        from training.world.conversations import sample_conversations
 
         path = write_records(args.out_dir, sample_conversations(args.n, args.seed), args.side, outputs=not args.no_outputs)
     else:

@@ -1,9 +1,9 @@
-"""Training data of the world decoders, drawn from the shapes-world generator (`nextgpt.world`).
+"""Training data of the world decoders, drawn from the shapes-world generator (`training.world`).
 
 The world is small and discrete: 108 images (3 shapes × 6 colours × 2 sizes × 3 positions), 72
 videos at a fixed frame count (3 shapes × 6 colours × 4 directions) and 6 sounds (3 pitches × 2
-timbres). Every sample is rendered once, exactly, by `nextgpt.world.render`; captions come from
-the world's own templates (`nextgpt.world.captions`), so the decoders learn the caption language
+timbres). Every sample is rendered once, exactly, by `training.world.render`; captions come from
+the world's own templates (`training.world.captions`), so the decoders learn the caption language
 the rest of the project produces. Synonyms the analyzer accepts ("big", "upwards", ...) are mixed
 into the text encoders' pre-training.
 """
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nextgpt.world import captions as C
-from nextgpt.world.analyze import parse_caption
-from nextgpt.world.render import draw_video, image_array, synth_audio
-from nextgpt.world.spec import (
+from training.world import captions as C
+from training.world.analyze import parse_caption
+from training.world.render import draw_video, image_array, synth_audio
+from training.world.spec import (
     COLOURS,
     DIRECTIONS,
     PITCHES,
@@ -119,7 +119,7 @@ def audio_waves(seconds: float = 2.0) -> np.ndarray:
 def _synonyms() -> dict[str, dict[str, list[str]]]:
     """attribute → canonical value → [synonyms] (from the analyzer's table; canonical excluded)."""
     try:
-        from nextgpt.world.analyze import _SYNONYMS as table
+        from training.world.analyze import _SYNONYMS as table
     except ImportError:  # pragma: no cover - the analyzer's private table moved
         return {}
     out: dict[str, dict[str, list[str]]] = {}

@@ -1,4 +1,4 @@
-"""Evaluation of the world decoders through the real decoder tools: `python -m tools.world eval`.
+"""Evaluation of the world decoders through the real decoder tools: `python -m training.decoders eval`.
 
 For each modality, N specs are drawn with a fresh seed; each one's canonical caption goes through
 the pipeline's own text encoder (`tool.text_embeds`) and the tool renders a file
@@ -50,7 +50,7 @@ def make_tool(modality: str, weights: str | Path, cache_dir: Path, output_dir: P
 
 def sample_specs(modality: str, n: int, seed: int) -> list:
     """n specs: the attribute combinations in a seeded random order (cycled when n exceeds them)."""
-    from tools.world import data as D
+    from training.decoders import data as D
 
     rng = np.random.default_rng([seed, MODALITIES.index(modality)])
     if modality == "image":
@@ -66,7 +66,7 @@ def sample_specs(modality: str, n: int, seed: int) -> list:
 
 
 def _score(modality: str, truth: dict, found: dict) -> dict[str, bool]:
-    from nextgpt.world import score
+    from training.world import score
 
     keys = {"image": ("colour", "shape", "size", "position"), "audio": ("pitch", "timbre"), "video": ("direction", "colour", "shape")}[modality]
     row = {k: score(modality, found, truth, keys=(k,)) for k in keys}
@@ -87,7 +87,7 @@ def evaluate_modality(
     **overrides,
 ) -> dict[str, Any]:
     """Accuracy per attribute (fractions) over n canonical captions, plus timings (seconds)."""
-    from nextgpt.world import analyze_audio, analyze_image, analyze_video, canonical_caption
+    from training.world import analyze_audio, analyze_image, analyze_video, canonical_caption
 
     analyzer = {"image": analyze_image, "audio": analyze_audio, "video": analyze_video}[modality]
     tmp = None
@@ -188,7 +188,7 @@ def run_from_args(args) -> int:
     overrides = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance)) if v is not None}
     missing = [m for m in mods if not (Path(args.weights) / m / "model_index.json").is_file()]
     if missing:
-        print(f"no trained pipeline for {', '.join(missing)} under {args.weights}: run `python -m tools.world train` first")
+        print(f"no trained pipeline for {', '.join(missing)} under {args.weights}: run `python -m training.decoders train` first")
         return 2
     results = {}
     for m in mods:

@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from nextgpt.world.spec import AudioSpec, ImageSpec, VideoSpec
+from training.world.spec import AudioSpec, ImageSpec, VideoSpec
 
 IMAGE_CANONICAL = "a {size} {colour} {shape} on the {position}"
 IMAGE_PARAPHRASES = (

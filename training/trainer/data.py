@@ -2,7 +2,7 @@
 
 Two kinds of JSON file (a top-level list of records; UTF-8):
 
-**Pair files** (stages 1 and 2; CC3M / WebVid / AudioCaps style, `nextgpt.world.write_pairs`)::
+**Pair files** (stages 1 and 2; CC3M / WebVid / AudioCaps style, `training.world.write_pairs`)::
 
     [{"caption": "a red circle", "image_name": "000001.png"}, ...]
 
@@ -37,7 +37,7 @@ Two kinds of JSON file (a top-level list of records; UTF-8):
 - The tokens the project adds (`<Img>`, `</Img>`, `[IMG0]`...) must not appear in human text.
 
 Media names are resolved against `media_root` when given (the official `mm_root_path`), otherwise
-against `<json dir>/<images|videos|audios>/` (the `nextgpt.world` layout) and then `<json dir>/`.
+against `<json dir>/<images|videos|audios>/` (the `training.world` layout) and then `<json dir>/`.
 
 Every problem raises `DataError` naming the file, the record index and the field.
 """

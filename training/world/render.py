@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from nextgpt.world.spec import (
+from training.world.spec import (
     COLOURS,
     PITCHES,
     POSITIONS,

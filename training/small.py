@@ -1,14 +1,14 @@
 """`make train-small`: reproduce the `small` profile's NExT-GPT tensors (weights/small/nextgpt) from scratch.
 
-    python -m bots.train_small                      # data → stage 1 → stage 2 → stage 3 → weights/small/nextgpt + README.md
-    python -m bots.train_small --resume             # continue where an interrupted run stopped (the default anyway)
-    python -m bots.train_small --publish-partial    # publish the latest saved checkpoint of an unfinished run
-    python -m bots.train_small --smoke --profile tiny --work /tmp/w --out /tmp/ckpt   # CI: a tiny run in seconds
+    python -m training.small                      # data → stage 1 → stage 2 → stage 3 → weights/small/nextgpt + README.md
+    python -m training.small --resume             # continue where an interrupted run stopped (the default anyway)
+    python -m training.small --publish-partial    # publish the latest saved checkpoint of an unfinished run
+    python -m training.small --smoke --profile tiny --work /tmp/w --out /tmp/ckpt   # CI: a tiny run in seconds
 
 Steps (every one deterministic, every one skipped when its output is already complete):
 
 1. data (`<work>/data`): shapes-world X-caption pairs for image, audio and video (`write_pairs`,
-   seed 1) and MosIT dialogs (`write_dialogs`, seed 2). Evaluation (`bots.evaluate`) uses seed
+   seed 1) and MosIT dialogs (`write_dialogs`, seed 2). Evaluation (`training.evaluate`) uses seed
    12345 and its own prompt wording, so it never sees these samples.
 2. stage 1 (`<work>/stage1`, from no checkpoint): input projection + new token rows on the pairs
    (`<Img>{media}</Img> generate a caption` → caption).
@@ -17,7 +17,7 @@ Steps (every one deterministic, every one skipped when its output is already com
 4. stage 3 (`<work>/stage3`, from stage 2): LoRA (rank 8) + input projection + output projectors +
    new rows on the dialogs.
 5. stage 4 (`<work>/stage4`, from stage 3): conversation tuning — stage 3 continued (same LoRA,
-   rows, input projection) on multi-turn conversations (`nextgpt.world.conversations`, seed 5:
+   rows, input projection) on multi-turn conversations (`training.world.conversations`, seed 5:
    edits of the last output, "the same as a video", references to earlier turns, two or three
    modalities in one message, chit-chat, questions about earlier outputs, requests that use an
    attachment) mixed with the varied-wording single requests.
@@ -31,10 +31,10 @@ Steps (every one deterministic, every one skipped when its output is already com
    The states are cached under `<work>/refit-states` (keyed by the LLM weights and the data), so a
    second refit with other projector settings costs only the fitting.
 7. publish: the stage-3 checkpoint (nextgpt.safetensors, the LoRA adapter, meta.json; no optimizer
-   state) into `--out` with a model card `README.md`; `--eval N` also runs `bots.evaluate` on it
+   state) into `--out` with a model card `README.md`; `--eval N` also runs `training.evaluate` on it
    and records the table in the card.
 
-Each stage runs `bots.train.main` in this process with an argument list and saves a resumable
+Each stage runs `training.stages.main` in this process with an argument list and saves a resumable
 checkpoint every `save_every` steps; a stage whose final checkpoint already holds its planned step
 count is skipped, one with checkpoints is resumed (`--resume`), one without any is restarted.
 Timings and sizes accumulate in `<work>/state.json` (the model card reads them).
@@ -58,14 +58,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PROG = "python -m bots.train_small"
+PROG = "python -m training.small"
 STATE_FILE = "state.json"
 DATA_FORMAT = 2  # 2: a reply with several outputs puts each signal group after the words naming it (1: all at the end)
 TRAIN_SEEDS = {"pairs": 1, "dialogs": 2, "refit_dialogs": 4, "conversations": 5, "emphasis": 6}
 # stage 5's conversations: every scenario, "multi" (two or three outputs in one reply) four times as often,
 # the ones the eval found weakest after stage 4 (edit, refer, recall, attach) twice
 EMPHASIS = ("multi", "multi", "multi", "multi", "edit", "edit", "refer", "refer", "recall", "recall", "attach", "attach",
-            "convert", "chat-create", "ask")  # bots.evaluate uses 12345: never a training sample
+            "convert", "chat-create", "ask")  # training.evaluate uses 12345: never a training sample
 
 
 @dataclass
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--publish-partial", action="store_true",
                    help="publish the latest saved checkpoint (of the furthest stage) to --out without training")  # fmt: skip
     p.add_argument("--eval", type=int, default=0, metavar="N", help="after publishing, evaluate N prompts per direction into the card")
-    p.add_argument("--card-eval", metavar="JSON", help="put this earlier `bots.evaluate --json` result into the model card")
+    p.add_argument("--card-eval", metavar="JSON", help="put this earlier `training.evaluate --json` result into the model card")
     p.add_argument("--eval-seed", type=int, default=12345)
     p.add_argument("--eval-max-new-tokens", type=int, help="cap on reply tokens in the evaluation (default: the profile's)")
     p.add_argument("--note", default="", help="a line for the model card (e.g. how this run deviated from the plan)")
@@ -198,9 +198,9 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
     refit whose create requests name the output in varied, partial wordings ("a blue square", "a
     high beep"), as users ask (the stage-3 dialogs always use the full canonical caption); skipped
     when already written with the same sizes (the files are a deterministic function of (n, seed, side))."""
-    from nextgpt.world.dataset import pairs_json_path, write_pairs
-    from nextgpt.world.conversations import sample_conversations
-    from nextgpt.world.dialogs import DIALOGS_FILE, write_dialogs, write_records
+    from training.world.dataset import pairs_json_path, write_pairs
+    from training.world.conversations import sample_conversations
+    from training.world.dialogs import DIALOGS_FILE, write_dialogs, write_records
 
     data = work / "data"
     want = {"pairs": plan.pairs, "dialogs": plan.dialogs, "varied": varied, "side": plan.side, "seeds": TRAIN_SEEDS,
@@ -280,7 +280,7 @@ def _digest(paths) -> str:
 
 
 def targets_dir(work: Path, fp: dict[str, str]) -> Path:
-    """Projector-target cache keyed by the decoders' content (bots.train keys it by their path)."""
+    """Projector-target cache keyed by the decoders' content (training.stages keys it by their path)."""
     import hashlib
 
     key = hashlib.sha256(json.dumps({m: fp[m] for m in MODALITIES if m in fp}, sort_keys=True).encode()).hexdigest()[:12]
@@ -301,7 +301,7 @@ def _has_checkpoints(out: Path) -> bool:
 
 
 def run_stage(stage: int, work: Path, plan: Plan, files: dict[str, Path], args, state: dict) -> Path:
-    from bots.train import main as train_main
+    from training.stages import main as train_main
 
     sp = plan.stages[stage]
     out = work / f"stage{stage}"
@@ -416,13 +416,13 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     import torch
     from safetensors.torch import load_file, save_file
 
-    from bots.train import _target_dirs
+    from training.stages import _target_dirs
     from nextgpt.checkpoint import META_FILE, WEIGHTS_FILE
     from nextgpt.config import load_settings
     from nextgpt.model import NextGPT
     from nextgpt.tokens import MODALITIES as SIGNALS
-    from nextgpt.train import TargetCache, load_stage_data
-    from nextgpt.train.encode import Collator, DialogEncoder, MediaCache
+    from training.trainer import TargetCache, load_stage_data
+    from training.trainer.encode import Collator, DialogEncoder, MediaCache
 
     last = final_llm_stage(plan)
     src, out = work / f"stage{last}", work / "refit"
@@ -625,7 +625,7 @@ def publish(src: Path, dst: Path, *, half: bool = True) -> dict:
 
 
 def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str, eval_result: dict | None, note: str = "") -> Path:
-    from bots.evaluate import format_dialogs_markdown, format_markdown
+    from training.evaluate import format_dialogs_markdown, format_markdown
 
     stages = state.get("stages", {})
     llm_params = 134_515_008  # SmolLM2-135M (tied embeddings)
@@ -657,7 +657,7 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
     refit_data = (f"\n- refit only: {varied} more dialogs whose create requests name the output in varied, partial wordings"
                   f" (\"a blue square\", \"a high beep\"), seed {TRAIN_SEEDS['refit_dialogs']}") if varied else ""  # fmt: skip
     conv = data.get("spec", {}).get("conversations")
-    conv_data = (f"\n- stage 4: {conv} multi-turn conversations (`nextgpt.world.conversations`, seed {TRAIN_SEEDS['conversations']}; "
+    conv_data = (f"\n- stage 4: {conv} multi-turn conversations (`training.world.conversations`, seed {TRAIN_SEEDS['conversations']}; "
                  "1–7 exchanges ending in an edit, a conversion, a reference to an earlier output, two or three modalities "
                  "at once, a request after chit-chat, a question about an earlier or the last output, or a request that uses "
                  "an attachment) + the varied-wording dialogs") if conv else ""  # fmt: skip
@@ -681,9 +681,9 @@ alpha {plan.lora_alpha:g}, q/k/v/o) for SmolLM2-135M-Instruct. Everything else i
 - published from: stage {info.get('stage')} step {info.get('step')}{chr(10) + '- note: ' + note if note else ''}
 - trained parameters: {trained:,} ({info['params']:,} projections + rows, {info['lora_params']:,} LoRA)
   = {100 * trained / llm_params:.2f}% of the LLM's {llm_params:,}
-- reproduce: `make train-small` (= `python -m bots.train_small`; resumable, re-run to continue)
+- reproduce: `make train-small` (= `python -m training.small`; resumable, re-run to continue)
 
-## Data (shapes world, `nextgpt.world`)
+## Data (shapes world, `training.world`)
 
 - stages 1–2: {data.get('spec', {}).get('pairs', plan.pairs)} X-caption pairs per modality (image, audio, video),
   seed {TRAIN_SEEDS['pairs']}, paraphrased captions
@@ -699,7 +699,7 @@ alpha {plan.lora_alpha:g}, q/k/v/o) for SmolLM2-135M-Instruct. Everything else i
 
 {refit_text}
 
-## Evaluation (`python -m bots.evaluate --profile {profile_name}`, fresh seed, the model decides the modality)
+## Evaluation (`python -m training.evaluate --profile {profile_name}`, fresh seed, the model decides the modality)
 
 {format_markdown(single) if single else '(not evaluated)'}
 
@@ -764,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     import signal
 
-    from bots.evaluate import register_world_components
+    from training.evaluate import register_world_components
 
     def _term(*_):  # `kill PID`: stop like Ctrl-C, so the time spent is recorded (and resumable state kept)
         raise KeyboardInterrupt
@@ -816,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"published {src} → {dst} ({info['bytes'] / 1e6:.1f} MB)")
         result = None
         if args.eval:
-            from bots.evaluate import evaluate, evaluate_dialogs
+            from training.evaluate import evaluate, evaluate_dialogs
             from nextgpt.config import load_settings
 
             settings = load_settings(args.config)

@@ -1,15 +1,15 @@
-"""`python -m nextgpt.world generate --out DIR --modality image|audio|video|all --n N --seed S`."""
+"""`python -m training.world generate --out DIR --modality image|audio|video|all --n N --seed S`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from nextgpt.world.spec import MODALITIES
+from training.world.spec import MODALITIES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m nextgpt.world", description="Shapes-world pair data.")
+    parser = argparse.ArgumentParser(prog="python -m training.world", description="Shapes-world pair data.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="write X-caption pairs in the official pair-data format")
     gen.add_argument("--out", required=True, help="output folder")
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from nextgpt.world.dataset import write_pairs
+    from training.world.dataset import write_pairs
 
     modalities = MODALITIES if args.modality == "all" else (args.modality,)
     written = {}

@@ -45,9 +45,9 @@ from torch import nn
 
 from nextgpt.checkpoint import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, FORMAT, META_FILE, WEIGHTS_FILE
 from nextgpt.tokens import MODALITIES
-from nextgpt.train.data import Dialog
-from nextgpt.train.encode import IGNORE, Collator, DialogEncoder, Example, MediaCache
-from nextgpt.train.rows import N_NEW, NewRows
+from training.trainer.data import Dialog
+from training.trainer.encode import IGNORE, Collator, DialogEncoder, Example, MediaCache
+from training.trainer.rows import N_NEW, NewRows
 
 GROUPS = ("input_proj", "output_projectors", "new_rows", "lora")
 STAGE_GROUPS = {
@@ -522,7 +522,7 @@ class Trainer:
         target_fn: Callable[[str, str], torch.Tensor] | None = None,
         media_fn: Callable | None = None,
     ) -> TrainResult:
-        """Train on `dialogs` (see `nextgpt.train.data.load_stage_data`). `target_fn(modality,
+        """Train on `dialogs` (see `training.trainer.data.load_stage_data`). `target_fn(modality,
         caption)` gives the decoder's text embedding (needed for outputs with a caption);
         `media_fn` encodes inputs (default: the model's frozen encoder, each file once)."""
         cfg, acc = self.cfg, self.accelerator

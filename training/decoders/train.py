@@ -1,4 +1,4 @@
-"""Training of the world decoders: `python -m tools.world train [--modality M] [--smoke]`.
+"""Training of the world decoders: `python -m training.decoders train [--modality M] [--smoke]`.
 
 Stages, each resumable (a checkpoint of safetensors + JSON every `--save-every` seconds and at the
 end; no pickle), each seeded (step s of a stage draws everything from a generator seeded by
@@ -38,8 +38,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from tools.world import build as B
-from tools.world import data as D
+from training.decoders import build as B
+from training.decoders import data as D
 
 MODALITIES = ("image", "audio", "video")
 STAGES_FOR = {
@@ -705,7 +705,7 @@ class Trainer:
         with _quiet_loading():
             pipe = B.pipeline(modality, copy.deepcopy(parts))
         stamp = {
-            "builder": "tools.world",
+            "builder": "training.decoders",
             "modality": modality,
             "seed": self.seed,
             "arch": B.arch_dict(self.arch),
@@ -773,7 +773,7 @@ def train(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.world", description="Train and evaluate the shapes-world decoders.")
+    p = argparse.ArgumentParser(prog="python -m training.decoders", description="Train and evaluate the shapes-world decoders.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train (or resume) the decoders and save their pipelines")
     t.add_argument("--modality", choices=(*MODALITIES, "all"), default="all")
@@ -784,7 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     t.add_argument("--quiet", action="store_true")
     e = sub.add_parser("eval", help="generate from canonical captions through the decoder tools and score")
-    from tools.world.evaluate import add_arguments
+    from training.decoders.evaluate import add_arguments
 
     add_arguments(e)
     return p
@@ -796,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
         mods = MODALITIES if args.modality == "all" else (args.modality,)
         train(mods, smoke=args.smoke, work=args.work, out=args.out, seed=args.seed, quiet=args.quiet, threads=args.threads or None)
         return 0
-    from tools.world.evaluate import run_from_args
+    from training.decoders.evaluate import run_from_args
 
     return run_from_args(args)
 

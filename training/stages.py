@@ -1,22 +1,22 @@
 """`nextgpt train`: the three NExT-GPT training stages from the command line.
 
-    python -m bots.train --stage 1 --data runs/world/image_pairs.json --output runs/stage1
-    python -m bots.train --stage 2 --data runs/world/image_pairs.json --init runs/stage1 --output runs/stage2
-    python -m bots.train --stage 3 --data runs/world/dialogs.json --init runs/stage2 --output runs/stage3
+    python -m training.stages --stage 1 --data runs/world/image_pairs.json --output runs/stage1
+    python -m training.stages --stage 2 --data runs/world/image_pairs.json --init runs/stage1 --output runs/stage2
+    python -m training.stages --stage 3 --data runs/world/dialogs.json --init runs/stage2 --output runs/stage3
 
     # data-parallel on CPU cores (gloo): torchrun underneath; `accelerate launch --cpu` would start
     # one process only (accelerate's multi-CPU launcher needs an MPI hostfile)
-    accelerate launch --config_file configs/accelerate_cpu.yaml -m bots.train --stage 1 ...
-    accelerate launch --multi_gpu --num_processes 2 -m bots.train --stage 1 ...     # same, no config
+    accelerate launch --config_file configs/accelerate_cpu.yaml -m training.stages --stage 1 ...
+    accelerate launch --multi_gpu --num_processes 2 -m training.stages --stage 1 ...     # same, no config
     # GPUs, ZeRO-2 fp16 as the official code
     accelerate launch --use_deepspeed --deepspeed_config_file configs/deepspeed_zero2.json \\
-        --num_processes 8 --mixed_precision fp16 -m bots.train --stage 3 --data dialogs.json ...
+        --num_processes 8 --mixed_precision fp16 -m training.stages --stage 3 --data dialogs.json ...
 
-    python -m bots.train export --official runs/stage3 out/nextgpt_official    # pytorch_model.pt
+    python -m training.stages export --official runs/stage3 out/nextgpt_official    # pytorch_model.pt
 
 This is the front end: it reads the config and the data, computes the output projectors' targets
 with the decoder tools (each decoder's own text encoder, once per caption, cached under
-`<cache_dir>/train-targets/`), and runs `nextgpt.train.Trainer`.
+`<cache_dir>/train-targets/`), and runs `training.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def _target_dirs(settings, profile, folder: str | None) -> dict[str, Path]:
 
 def compute_targets(settings, profile, needed: list[tuple[str, str]], folder: str | None, accelerator, log):
     """The decoder text embeddings of every (modality, caption), computed once (main process) and cached."""
-    from nextgpt.train import TargetCache
+    from training.trainer import TargetCache
 
     dirs = _target_dirs(settings, profile, folder)
     with accelerator.main_process_first():
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args) -> int:
     from nextgpt.checkpoint import CheckpointError
-    from nextgpt.train import (
+    from training.trainer import (
         STAGE_GROUPS, DataError, TemplateError, TrainConfig, Trainer, TrainError, load_stage_data, make_accelerator,
     )
 
@@ -268,7 +268,7 @@ def export_main(argv: list[str]) -> int:
         from nextgpt.checkpoint import CheckpointError
         from nextgpt.devices import DTYPES
         from nextgpt.llm import load_llm
-        from nextgpt.train.export import export_official
+        from training.trainer.export import export_official
 
         settings, name, profile = _settings(args)
         dtype = None if args.dtype == "keep" else DTYPES[args.dtype]

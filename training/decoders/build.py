@@ -126,7 +126,7 @@ def clip_tokenizer(max_length: int = MAX_LENGTH):
     """CLIPTokenizer (byte-level BPE, `</w>` word ends) whose merges make each world word a token;
     any other text still tokenizes (into pieces, down to bytes). Deterministic: same files every build."""
     from tools.tiny import clip_tokenizer as base_clip
-    from tools.world.data import corpus
+    from training.decoders.data import corpus
 
     base = base_clip()
     return _with_merges(base, bpe_merges(base, corpus(), "</w>"), max_length)
@@ -135,7 +135,7 @@ def clip_tokenizer(max_length: int = MAX_LENGTH):
 def roberta_tokenizer(max_length: int = MAX_LENGTH):
     """RobertaTokenizer (CLAP's) built the same way."""
     from tools.tiny import roberta_tokenizer as base_roberta
-    from tools.world.data import corpus
+    from training.decoders.data import corpus
 
     base = base_roberta()
     return _with_merges(base, bpe_merges(base, corpus()), max_length)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from nextgpt.world.spec import ATTRIBUTE_KEYS, COLOURS, PITCHES, POSITIONS, SAMPLE_RATE, WHITE
+from training.world.spec import ATTRIBUTE_KEYS, COLOURS, PITCHES, POSITIONS, SAMPLE_RATE, WHITE
 
 NONE = "none"
 _PALETTE_NAMES = list(COLOURS)
