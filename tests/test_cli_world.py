@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bots.cli import main, world_eval_plan, world_train_plan
+from bots.cli import main
+from training.cli import world_eval_plan, world_train_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "weights" / "small"
