@@ -197,7 +197,7 @@ def test_kill_9_mid_reply_keeps_the_question(tmp_path, data_dir):
 def test_truncation_keeps_its_cut_so_later_turns_reuse_the_cache(tiny_assistant, memory):
     """A long chat over its budget drops oldest turns down to ¾ of it and then keeps that start:
     the next turns are prefilled from the cache, not in full."""
-    from assistant.session import TRUNCATE_TO, Chat
+    from assistant.session import Chat
 
     chat = Chat.start(tiny_assistant, memory)
     chat.settings.seed, chat.settings.max_new_tokens = 3, 6
@@ -216,7 +216,7 @@ def test_truncation_keeps_its_cut_so_later_turns_reuse_the_cache(tiny_assistant,
         if r.timings["prefill_tokens"] < r.timings["prompt_tokens"] // 2:
             reused += 1
     assert reused >= 2, "the turns after a cut should mostly come from the cache"
-    assert TRUNCATE_TO < 1
+    # (the ¾ share itself: tests/test_context_budget.py, which counts what is kept)
 
 
 def test_a_session_whose_attachment_file_is_gone_keeps_working(chat, media_files):
