@@ -87,7 +87,7 @@ def cmd_ask(args) -> int:
     except ValueError as e:  # over a budget (prompt tokens, attachments)
         raise UserError(str(e)) from None
     if args.no_log:
-        from nextgpt.model import MediaInput, Message
+        from nextgpt.messages import MediaInput, Message
 
         message = Message("user", args.prompt, [MediaInput(m, path=p) for m, p in attachments])
         reply = assistant.respond([message], want=args.want, seed=args.seed, on_text=on_text)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -25,24 +25,9 @@ from nextgpt.config import Profile
 from nextgpt.devices import resolve
 from nextgpt.limits import BudgetExceeded
 from nextgpt.llm import load_llm
+from nextgpt.messages import MediaInput, Message  # noqa: F401  (re-exported: nextgpt.model.Message)
 from nextgpt.projectors import InputProjection, OutputProjector
 from nextgpt.tokens import MEDIA_END, MEDIA_START, MODALITIES
-
-
-@dataclass
-class MediaInput:
-    """One input item: a file (encoded with ImageBind) or an already-computed ImageBind vector."""
-
-    modality: str  # image | video | audio
-    path: Path | None = None
-    embedding: torch.Tensor | None = None
-
-
-@dataclass
-class Message:
-    role: str  # system | user | assistant
-    text: str  # for assistant turns: the raw trace, signal tokens included
-    media: list[MediaInput] = field(default_factory=list)  # user turns: inputs, one slot each
 
 
 @dataclass

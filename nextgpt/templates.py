@@ -21,18 +21,14 @@ space; we do not copy that, the weights learned the training format.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
-
+from nextgpt.messages import Message
 from nextgpt.tokens import MEDIA_END, MEDIA_START, NEW_TOKENS
-
-if TYPE_CHECKING:
-    from nextgpt.model import Message
 
 VICUNA_STOP = "###"
 _ADDED = re.compile("(" + "|".join(re.escape(t) for t in sorted(NEW_TOKENS, key=len, reverse=True)) + ")")
 
 
-def _content(message: "Message") -> str:
+def _content(message: Message) -> str:
     """User media go before the text (the official `<Img>…</Img> {text}`); the media an assistant
     produced go after its reply, so the model sees what it made."""
     slots = "".join(f"{MEDIA_START}{MEDIA_END}" for _ in message.media)
@@ -41,7 +37,7 @@ def _content(message: "Message") -> str:
     return f"{message.text} {slots}" if message.role == "assistant" else f"{slots} {message.text}"
 
 
-def vicuna_v0_segments(messages: list["Message"], system_prompt: str | None = None) -> list[str]:
+def vicuna_v0_segments(messages: list[Message], system_prompt: str | None = None) -> list[str]:
     """The official training format as the pieces it tokenized one by one (see the module doc);
     ends ready for a reply. The official data always alternate Human / Assistant, starting with
     Human, and have no system prompt; other orders get the nearest equivalent."""
@@ -73,7 +69,7 @@ def vicuna_v0_segments(messages: list["Message"], system_prompt: str | None = No
     return segments
 
 
-def vicuna_v0(messages: list["Message"], system_prompt: str | None = None) -> str:
+def vicuna_v0(messages: list[Message], system_prompt: str | None = None) -> str:
     """The text of `vicuna_v0_segments`, joined (its tokens are `encode`'s, not this string's)."""
     return "".join(vicuna_v0_segments(messages, system_prompt))
 
@@ -101,13 +97,13 @@ def tokenize_vicuna(tokenizer, segments: list[str]) -> list[int]:
     return ids
 
 
-def chat(tokenizer, messages: list["Message"], system_prompt: str | None = None) -> str:
+def chat(tokenizer, messages: list[Message], system_prompt: str | None = None) -> str:
     turns = [{"role": "system", "content": system_prompt}] if system_prompt else []
     turns += [{"role": m.role, "content": _content(m)} for m in messages]
     return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
 
-def render(template: str, tokenizer, messages: list["Message"], system_prompt: str | None = None) -> str:
+def render(template: str, tokenizer, messages: list[Message], system_prompt: str | None = None) -> str:
     """The prompt as text (for display and tests; `encode` gives the ids the model sees)."""
     if template == "vicuna_v0":
         return vicuna_v0(messages, system_prompt)
@@ -118,7 +114,7 @@ def render(template: str, tokenizer, messages: list["Message"], system_prompt: s
     raise ValueError(f"unknown template {template!r}")
 
 
-def encode(template: str, tokenizer, messages: list["Message"], system_prompt: str | None = None) -> list[int]:
+def encode(template: str, tokenizer, messages: list[Message], system_prompt: str | None = None) -> list[int]:
     """The prompt's token ids, ready for a reply: vicuna_v0 as the official training code built
     them; `chat` as the model's chat template writes them (it adds its own BOS where it has one)."""
     if template == "vicuna_v0":

@@ -96,3 +96,15 @@ def test_the_runtime_imports_without_the_training_wing():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert int(r.stdout.split()[-1]) > 40
+
+
+def test_message_types_are_torch_free():
+    """Front ends import `Message` / `MediaInput` at the top without loading torch; `nextgpt.model`
+    re-exports the same classes; templates.py imports them without a circle through model.py."""
+    code = ("import sys\nfrom nextgpt.messages import MediaInput, Message\nimport nextgpt.templates\n"
+            "assert 'torch' not in sys.modules and 'nextgpt.model' not in sys.modules, sorted(sys.modules)\n"
+            "import nextgpt.model\nassert nextgpt.model.Message is Message and nextgpt.model.MediaInput is MediaInput\n")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    src = (ROOT / "nextgpt" / "templates.py").read_text()
+    assert "nextgpt.model" not in src

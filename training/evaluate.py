@@ -227,7 +227,7 @@ def evaluate(
     import torch
 
     from assistant.agent import Assistant
-    from nextgpt.model import MediaInput, Message
+    from nextgpt.messages import MediaInput, Message
 
     register_world_components()
     tmp = None
@@ -384,7 +384,8 @@ def evaluate_dialogs(settings, profile=None, *, n: int = 20, seed: int = 12345, 
     import torch
 
     from assistant.agent import Assistant
-    from nextgpt.model import MediaInput, Message, PromptCache
+    from nextgpt.messages import MediaInput, Message
+    from nextgpt.model import PromptCache
 
     register_world_components()
     tmp = None

@@ -81,7 +81,7 @@ class DialogEncoder:
     def _pieces(self, dialog: Dialog) -> list[tuple[list[str], bool, list]]:
         """As `segments`, each text split into the pieces that are tokenized one by one (vicuna_v0:
         the official code's pieces, `templates.vicuna_v0_segments`; chat: one piece)."""
-        from nextgpt.model import MediaInput, Message
+        from nextgpt.messages import MediaInput, Message
 
         msgs: list = []
         done: list[str] = []
