@@ -105,11 +105,49 @@ def test_a_multi_output_reply_trains_one_signal_group_per_output(tiny_model, tmp
         assert last == asked
         starts = [s for s, _, _ in ex.signals][-len(asked):]
         assert starts == sorted(starts)
+        # each group follows the words naming its output: the labelled text before group i (after
+        # group i-1) names output i, and no later one
+        ends = [s + len(enc.signal_ids[m]) for s, m in zip(starts, asked)]
+        reply = starts[0]
+        while ex.labels[reply - 1] != -100:  # back to the first trained token of the last reply
+            reply -= 1
+        for i, cap in enumerate(conv[-1]["captions"]):
+            between = tiny_model.tokenizer.decode(ex.input_ids[(ends[i - 1] if i else reply) : starts[i]], skip_special_tokens=True)
+            assert cap.lower() in between.lower(), (cap, between)
+            later = conv[-1]["captions"][i + 1 :]
+            assert not any(c.lower() in between.lower() and c.lower() not in cap.lower() for c in later)
+
+
+def test_a_placeholder_inside_a_reply_puts_its_signal_group_there(tmp_path, tiny_model):
+    import json
+
+    from training.trainer.data import Output, read_dialogs_file
+    from training.trainer.encode import DialogEncoder, with_signals
+
+    rec = [{"id": "x", "conversation": [
+        {"from": "human", "value": "draw a green square and play a high beep"},
+        {"from": "gpt", "value": "Here is a green square <image> and a high beep. <audio>", "output_modality": ["image", "audio"],
+         "caption": ["a green square", "a high beep"]},
+    ]}]  # fmt: skip
+    (tmp_path / "d.json").write_text(json.dumps(rec))
+    turn = read_dialogs_file(tmp_path / "d.json")[0].turns[-1]
+    assert turn.text == "Here is a green square and a high beep."
+    assert turn.outputs == [Output("image", "a green square", len("Here is a green square")), Output("audio", "a high beep")]
+    img, aud = "[IMG0][IMG1][IMG2][IMG3]", "".join(f"[AUD{i}]" for i in range(8))
+    assert with_signals(turn.text, turn.outputs) == f"Here is a green square{img} and a high beep.{aud}"
+    # without places every group goes at the end, in order (the official data's form)
+    assert with_signals("Done.", [Output("audio"), Output("image")]) == f"Done.{aud}{img}"
+    ex = DialogEncoder(tiny_model.tokenizer, tiny_model.template, tiny_model.system_prompt, 512).encode(read_dialogs_file(tmp_path / "d.json")[0])
+    (s_img, m_img, _), (s_aud, m_aud, _) = ex.signals
+    assert (m_img, m_aud) == ("image", "audio")
+    between = tiny_model.tokenizer.decode(ex.input_ids[s_img + 4 : s_aud], skip_special_tokens=True)
+    assert between.strip() == "and a high beep."
+    assert all(lab != -100 for lab in ex.labels[s_img : s_aud + 8])  # the words between the groups are trained
 
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
-    from nextgpt.world.dataset import write_media
+    from training.world.dataset import write_media
 
     d = tmp_path_factory.mktemp("truth")
     files = {}
