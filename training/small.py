@@ -664,7 +664,8 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
     emphasis = data.get("spec", {}).get("emphasis")
     if emphasis:
         conv_data += (f"\n- stage 5: {emphasis} conversations (seed {TRAIN_SEEDS['emphasis']}) in which the \"multi\" scenario "
-                      "(two or three outputs in one reply) comes four times as often")  # fmt: skip
+                      "(two or three outputs in one reply) comes four times as often and edits, references, recalls and "
+                      "attachments twice; a reply with several outputs puts each signal group right after the words naming it")  # fmt: skip
     single = eval_result.get("single", eval_result) if eval_result else None
     dialogs = eval_result.get("dialogs") if eval_result else None
     text = f"""# NExT-GPT `{profile_name}` checkpoint (shapes world)
