@@ -30,6 +30,7 @@ in ``response_metadata`` (and they are stored back from there by `add_messages`)
 from __future__ import annotations
 
 import base64
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ from urllib.parse import unquote, urlparse
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
+from memory.records import ordered_parts
 from memory.store import MediaIn, Memory, TurnInfo
 
 __all__ = ["MemoryChatHistory", "turn_to_message"]
@@ -52,9 +54,15 @@ def turn_to_message(turn: TurnInfo) -> BaseMessage:
     content: str | list[str | dict[str, Any]]
     if turn.media:
         blocks: list[str | dict[str, Any]] = []
-        if turn.text:
-            blocks.append({"type": "text", "text": turn.text})
-        for m in turn.media:
+        at = [(m.meta or {}).get("at") for m in turn.media]
+        if any(a is not None for a in at):  # media placed between words: the parts in their order
+            parts = ordered_parts(turn.text, turn.media, at)
+        else:
+            parts = ([("text", turn.text)] if turn.text else []) + [("media", m) for m in turn.media]
+        for kind, m in parts:
+            if kind == "text":
+                blocks.append({"type": "text", "text": m})
+                continue
             extras = {
                 k: v
                 for k, v in (
@@ -111,25 +119,30 @@ class MemoryChatHistory(BaseChatMessageHistory):
 
     # -- content blocks -> text + MediaIn ------------------------------------------------------
     def _split_content(self, message: BaseMessage, direction: str) -> tuple[str, list[MediaIn]]:
+        """The text (text blocks joined by newlines) and the media. When words follow a media
+        block, every media item keeps its place: `meta["at"]`, its offset in the text."""
         if isinstance(message.content, str):
             return message.content, []
         texts: list[str] = []
-        media: list[MediaIn] = []
+        media: list[tuple[MediaIn, int]] = []  # (item, text blocks before it)
         for block in message.content_blocks:
             kind = block.get("type")
             if kind == "text":
                 texts.append(block.get("text", ""))
-            elif kind in _MEDIA_TYPES:
-                media.append(self._media_in(block, kind, direction))
-            elif kind == "file":
-                mime = str(block.get("mime_type") or "")
-                major = mime.split("/", 1)[0]
+            elif kind in _MEDIA_TYPES or kind == "file":
+                major = kind if kind in _MEDIA_TYPES else str(block.get("mime_type") or "").split("/", 1)[0]
                 if major not in _MEDIA_TYPES:
-                    raise ValueError(f"memory stores image, video and audio files, not {mime!r}")
-                media.append(self._media_in(block, major, direction))
+                    raise ValueError(f"memory stores image, video and audio files, not {block.get('mime_type')!r}")
+                media.append((self._media_in(block, major, direction), len(texts)))
             else:
                 raise ValueError(f"cannot store a {kind!r} content block in memory")
-        return "\n".join(t for t in texts if t), media
+        text = "\n".join(t for t in texts if t)
+        if not any(any(texts[before:]) for _, before in media):  # the media after all the words: no places needed
+            return text, [m for m, _ in media]
+        return text, [
+            dataclasses.replace(m, meta={**(m.meta or {}), "at": len("\n".join(t for t in texts[:before] if t))})
+            for m, before in media
+        ]
 
     def _media_in(self, block: dict[str, Any], modality: str, direction: str) -> MediaIn:
         extras = dict(block.get("extras") or {})

@@ -36,20 +36,21 @@ turn or none of it (at worst an unreferenced blob file, which `Memory.gc` remove
 
 All methods return plain dataclasses (`SessionInfo`, `TurnInfo`, `MediaInfo`), never ORM
 objects. This module imports neither torch nor anything from the rest of nextgpt.
+
+The package by job: `memory.models` the ORM rows (the schema), `memory.records` the dataclasses
+and errors the API speaks, `memory.database` the engine and the migrations, `memory.blobs` the
+media files, and here the `Memory` API itself (its names from the other modules are re-exported,
+so `from memory.store import ...` keeps working).
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import mimetypes
-import os
-import re
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -60,9 +61,7 @@ from sqlalchemy import (
     String,
     Text,
     cast,
-    create_engine,
     delete,
-    event,
     exists,
     func,
     insert,
@@ -71,14 +70,23 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.exc import IntegrityError
 
 from memory.blobs import BlobStore
+from memory.database import (  # noqa: F401 - re-exported: `from memory.store import ...` keeps working
+    MIGRATIONS_DIR,
+    SQLITE_BUSY_TIMEOUT_S,
+    VERSION_TABLE,
+    _current_revisions,
+    _head_revision,
+    _json_dumps,
+    _make_engine,
+    _quick_head,
+    alembic_config,
+    default_data_dir,
+    upgrade,
+)
 from memory.models import (
-    DIRECTIONS,
-    MODALITIES,
     ROLES,
     STATUSES,
     MediaRow,
@@ -86,6 +94,15 @@ from memory.models import (
     TurnMediaRow,
     TurnRow,
     utcnow,
+)
+from memory.records import (  # noqa: F401 - re-exported
+    AmbiguousSessionId,
+    MediaIn,
+    MediaInfo,
+    Role,
+    SessionInfo,
+    SessionNotFound,
+    TurnInfo,
 )
 
 __all__ = [
@@ -101,317 +118,10 @@ __all__ = [
     "upgrade",
 ]
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-VERSION_TABLE = "nextgpt_memory_version"  # keep in sync with migrations/env.py
-SQLITE_BUSY_TIMEOUT_S = 30.0
-
 _S = SessionRow.__table__
 _T = TurnRow.__table__
 _M = MediaRow.__table__
 _TM = TurnMediaRow.__table__
-
-
-# ---------------------------------------------------------------------------------------------
-# errors and value types
-# ---------------------------------------------------------------------------------------------
-class SessionNotFound(KeyError):
-    """No session has this id (or id prefix). ``str(exc)`` is a message for the user."""
-
-    def __init__(self, message: str, key: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.key = key
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class AmbiguousSessionId(SessionNotFound):
-    """An id prefix that matches more than one session; ``matches`` lists (some of) them."""
-
-    def __init__(self, message: str, key: str, matches: Sequence[str]) -> None:
-        super().__init__(message, key)
-        self.matches = list(matches)
-
-
-Direction = Literal["in", "out"]
-Modality = Literal["image", "video", "audio"]
-Role = Literal["user", "assistant", "system"]
-
-
-@dataclass(frozen=True)
-class MediaIn:
-    """One attachment of a turn being written: exactly one of ``path`` (a file, copied into the
-    blob store at `Memory.add_turn` time, so the original may be deleted afterwards), ``data``
-    (bytes) or ``sha256`` (content already in this memory's blob store).
-
-    ``mime`` is guessed from the path's suffix when not given (required with ``data``);
-    ``modality`` defaults to the mime's major type (image/video/audio). ``direction`` is "in"
-    for what the user sent and "out" for what the assistant generated. The dimensions are stored
-    as given (memory does not decode media). ``meta`` is any JSON-able dict (e.g. the seed).
-    """
-
-    path: Path | str | None = None
-    data: bytes | None = None
-    sha256: str | None = None
-    mime: str | None = None
-    direction: Direction = "in"
-    modality: Modality | None = None
-    width: int | None = None
-    height: int | None = None
-    frames: int | None = None
-    duration: float | None = None
-    meta: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        given = [x is not None for x in (self.path, self.data, self.sha256)]
-        if sum(given) != 1:
-            raise ValueError("MediaIn needs exactly one of path=, data= or sha256=")
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"MediaIn direction must be 'in' or 'out', not {self.direction!r}")
-        if self.modality is not None and self.modality not in MODALITIES:
-            raise ValueError(f"MediaIn modality must be one of {MODALITIES}, not {self.modality!r}")
-
-    def resolved_mime(self) -> str:
-        if self.mime:
-            return self.mime
-        if self.path is not None:
-            guess, _ = mimetypes.guess_type(str(self.path))
-            if guess:
-                return guess
-            raise ValueError(f"cannot tell the mime type of {self.path}; pass mime=")
-        raise ValueError("MediaIn(data=...) / MediaIn(sha256=...) needs mime=")
-
-    def resolved_modality(self, mime: str) -> str:
-        if self.modality:
-            return self.modality
-        major = mime.split("/", 1)[0]
-        if major in MODALITIES:
-            return major
-        raise ValueError(f"cannot tell the modality of mime {mime!r}; pass modality=")
-
-
-@dataclass(slots=True)
-class MediaInfo:
-    """A stored attachment of a turn. ``path`` is the blob file (read-only by convention)."""
-
-    sha256: str
-    path: Path
-    mime: str
-    size: int
-    modality: str
-    direction: str
-    position: int
-    width: int | None = None
-    height: int | None = None
-    frames: int | None = None
-    duration: float | None = None
-    meta: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "sha256": self.sha256, "path": str(self.path), "mime": self.mime, "size": self.size,
-            "modality": self.modality, "direction": self.direction, "position": self.position,
-            "width": self.width, "height": self.height, "frames": self.frames,
-            "duration": self.duration, "meta": self.meta,
-        }
-
-
-@dataclass(slots=True)
-class TurnInfo:
-    """One stored turn. ``index`` is its 0-based position in the session."""
-
-    id: int
-    session_id: str
-    index: int
-    role: str
-    text: str
-    token_trace: str | None
-    settings: dict[str, Any] | None
-    timings: dict[str, Any] | None
-    status: str
-    created_at: datetime
-    media: tuple[MediaInfo, ...] = ()
-
-    @property
-    def media_in(self) -> tuple[MediaInfo, ...]:
-        return tuple(m for m in self.media if m.direction == "in")
-
-    @property
-    def media_out(self) -> tuple[MediaInfo, ...]:
-        return tuple(m for m in self.media if m.direction == "out")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "index": self.index, "role": self.role, "text": self.text,
-            "token_trace": self.token_trace, "settings": self.settings, "timings": self.timings,
-            "status": self.status, "created_at": self.created_at.isoformat(),
-            "media": [m.to_dict() for m in self.media],
-        }
-
-
-@dataclass(slots=True)
-class SessionInfo:
-    """A stored session. ``updated_at`` is when it was last used (last turn added)."""
-
-    id: str
-    title: str | None
-    profile: str
-    turn_count: int
-    created_at: datetime
-    updated_at: datetime
-
-    @property
-    def last_used(self) -> datetime:
-        return self.updated_at
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "title": self.title, "profile": self.profile,
-            "turn_count": self.turn_count, "created_at": self.created_at.isoformat(),
-            "updated_at": self.updated_at.isoformat(),
-        }
-
-
-# ---------------------------------------------------------------------------------------------
-# engine, migrations
-# ---------------------------------------------------------------------------------------------
-def default_data_dir() -> Path:
-    """``$NEXTGPT_DATA`` if set, else the platform's user data dir for "nextgpt"."""
-    env = os.environ.get("NEXTGPT_DATA")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("nextgpt", appauthor=False))
-
-
-def _json_dumps(obj: Any) -> str:
-    # default=str: an odd value in settings (a Path, a dtype) must not lose a finished turn.
-    return json.dumps(obj, default=str, ensure_ascii=False)
-
-
-def _make_engine(url: Any, *, echo: bool = False) -> Engine:
-    u = make_url(url)
-    kw: dict[str, Any] = {"echo": echo, "json_serializer": _json_dumps}
-    if u.get_backend_name() == "sqlite":
-        memory_db = u.database in (None, "", ":memory:") or u.query.get("mode") == "memory"
-        kw["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
-        if memory_db:
-            kw["poolclass"] = StaticPool
-        engine = create_engine(u, **kw)
-        _setup_sqlite(engine)
-        return engine
-    if u.get_backend_name() == "postgresql":
-        kw["pool_pre_ping"] = True
-    return create_engine(u, **kw)
-
-
-def _setup_sqlite(engine: Engine) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Let SQLAlchemy's "begin" event below emit BEGIN itself (pysqlite's own transaction
-        # handling would defer it and cannot do BEGIN IMMEDIATE).
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        try:
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
-        finally:
-            cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        # Writers take the write lock up front (waiting up to the busy timeout), so that a
-        # read-then-write transaction never fails half-way with SQLITE_BUSY.
-        immediate = conn.get_execution_options().get("memory_write", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-
-def alembic_config(url: str | None = None):
-    """An alembic `Config` for the memory schema (no alembic.ini; works from any cwd).
-
-    For developers: ``alembic.command.revision(alembic_config(url), "message",
-    autogenerate=True)`` writes a new revision into ``memory/migrations/versions``.
-    """
-    from alembic.config import Config
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    if url is not None:
-        cfg.set_main_option("sqlalchemy.url", str(url).replace("%", "%%"))
-    return cfg
-
-
-_REV_RE = re.compile(r"""^revision\b[^=\n]*=\s*["']([\w-]+)["']\s*$""", re.M)
-_DOWN_RE = re.compile(r"""^down_revision\b[^=\n]*=\s*(?:None|["']([\w-]+)["'])\s*$""", re.M)
-
-
-def _quick_head() -> str | None:
-    """The head revision read straight from the version files (no alembic import: keeps
-    `Memory.open` on an up-to-date database fast); None if the files are not a simple chain."""
-    revs: dict[str, str | None] = {}
-    for f in (MIGRATIONS_DIR / "versions").glob("*.py"):
-        if f.name.startswith("__"):
-            continue
-        src = f.read_text(encoding="utf-8")
-        r, d = _REV_RE.findall(src), _DOWN_RE.findall(src)
-        if len(r) != 1 or len(d) != 1 or r[0] in revs:
-            return None
-        revs[r[0]] = d[0] or None
-    heads = set(revs) - {d for d in revs.values() if d}
-    return heads.pop() if len(heads) == 1 else None
-
-
-def _head_revision() -> str:
-    quick = _quick_head()
-    if quick is not None:
-        return quick
-    from alembic.script import ScriptDirectory
-
-    heads = ScriptDirectory.from_config(alembic_config()).get_heads()
-    if len(heads) != 1:
-        raise RuntimeError(f"memory migrations have {len(heads)} heads: {heads}")
-    return heads[0]
-
-
-def _current_revisions(engine: Engine) -> list[str] | None:
-    """The schema revision(s) stamped in the database; None if it has no version table."""
-    with engine.connect() as conn:
-        try:
-            return list(conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars())
-        except DBAPIError:
-            conn.rollback()
-            return None
-
-
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Migrate the database to ``revision`` (idempotent), in one transaction."""
-    if revision == "head":
-        head = _head_revision()
-        current = _current_revisions(engine)
-        if current == [head]:
-            return
-        if current:
-            from alembic.script import ScriptDirectory
-
-            script = ScriptDirectory.from_config(alembic_config())
-            unknown = [r for r in current if r not in {s.revision for s in script.walk_revisions()}]
-            if unknown:
-                raise RuntimeError(
-                    f"the memory database {engine.url.render_as_string(hide_password=True)} is at "
-                    f"schema revision {', '.join(unknown)}, which this version of nextgpt does "
-                    "not know (was it written by a newer version?)"
-                )
-    from alembic import command
-
-    cfg = alembic_config()
-    with engine.execution_options(memory_write=True).connect() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
-        conn.commit()
 
 
 # ---------------------------------------------------------------------------------------------

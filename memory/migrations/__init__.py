@@ -1,1 +1,1 @@
-"""Alembic migrations of the memory schema (run by `memory.store.upgrade`; no alembic.ini needed)."""
+"""Alembic migrations of the memory schema (run by `memory.database.upgrade`; no alembic.ini needed)."""

@@ -1,6 +1,6 @@
 """Alembic environment of the memory schema.
 
-Run through `memory.store.upgrade` / `memory.store.alembic_config` (the Config carries
+Run through `memory.database.upgrade` / `memory.database.alembic_config` (the Config carries
 ``script_location`` pointing here, so no alembic.ini is needed and any cwd works). When the
 caller passes an open connection in ``config.attributes["connection"]``, migrations run on it,
 inside one transaction (SQLite and PostgreSQL both have transactional DDL); otherwise an
@@ -16,7 +16,7 @@ from memory.models import Base
 
 VERSION_TABLE = "nextgpt_memory_version"
 # Arbitrary constant: concurrent `Memory.open` calls on one PostgreSQL database migrate one at
-# a time (SQLite gets the same from BEGIN IMMEDIATE in memory.store).
+# a time (SQLite gets the same from BEGIN IMMEDIATE in memory.database).
 _PG_LOCK_KEY = 0x6E657874_6D656D  # "next" "mem"
 
 config = context.config
