@@ -37,6 +37,59 @@ class Signal:
     modality: str
     prompt_embeds: torch.Tensor  # (1, Q, D)
     position: int  # index of the first signal token among the generated tokens
+    states: torch.Tensor | None = None  # (1, N, hidden): the signal states the projector was given
+
+
+@dataclass
+class Forward:
+    """One LLM pass over inputs with the media spliced into their slots (`signal_forward`)."""
+
+    logits: torch.Tensor  # (B, T, vocab)
+    inputs_embeds: torch.Tensor  # (B, T, hidden): token embeddings, projected media vectors in their slots
+    states: dict[str, torch.Tensor]  # modality → (n, N, hidden): the signal states of each requested group
+    all_states: torch.Tensor | None  # (B, T, hidden) signal states at every position, when asked
+    past_key_values: object | None
+
+
+def signal_forward(llm, input_proj, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                   attention_mask: torch.Tensor | None = None, media_vectors: torch.Tensor | None = None,
+                   media_batch: torch.Tensor | None = None, media_pos: torch.Tensor | None = None,
+                   signals: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, all_states: bool = False,
+                   past_key_values=None, use_cache: bool = False) -> Forward:
+    """The core step of NExT-GPT, the one place it is written: media spliced into their slots → LLM →
+    (logits, signal states). Generation (`NextGPT.generate`), training (`training.trainer`) and the
+    projector refit (`training.small.signal_states`) all run it.
+
+    Inputs: token ids (B, T), with ImageBind vectors `media_vectors` (n, enc_dim) put through the
+    input projection into the slots (`media_batch[i]`, `media_pos[i]`); or ready `inputs_embeds`
+    (B, T, hidden), e.g. `NextGPT.build_inputs`' prompt. `llm` may be a PEFT/DDP-wrapped LLM.
+
+    Signal states, the output projectors' input, are the last layer's hidden state plus the input
+    embedding at a signal token (official: `hidden_states[-1] + input embeddings`):
+    `signals={modality: (rows (n,), starts (n,))}` gives `states[modality]` (n, N, hidden) for the
+    group of N signal tokens starting at (rows[i], starts[i]); `all_states=True` gives them at every
+    position (generation, which learns only afterwards which tokens were signal tokens)."""
+    if inputs_embeds is None:
+        x = llm.get_input_embeddings()(input_ids)
+        if media_vectors is not None and media_vectors.shape[0]:
+            proj = input_proj(media_vectors.to(input_proj.weight.dtype)).to(x.dtype)
+            x = x.index_put((media_batch, media_pos), proj)
+    else:
+        x = inputs_embeds
+    wanted = bool(signals) or all_states
+    out = llm(inputs_embeds=x, attention_mask=attention_mask, past_key_values=past_key_values, use_cache=use_cache,
+              output_hidden_states=wanted)  # fmt: skip
+    states: dict[str, torch.Tensor] = {}
+    everywhere = None
+    if wanted:
+        hidden = out.hidden_states[-1]
+        if all_states:
+            everywhere = hidden + x
+        for m, (rows, starts) in (signals or {}).items():
+            pos = starts[:, None] + torch.arange(MODALITIES[m].num_tokens, device=starts.device)
+            at = rows[:, None].expand_as(pos)
+            states[m] = hidden[at, pos] + x[at, pos]
+    return Forward(out.logits, x, states, everywhere, out.past_key_values if use_cache else None)
 
 
 @dataclass
@@ -203,6 +256,11 @@ class NextGPT(nn.Module):
     def device(self) -> torch.device:
         return self.llm.get_input_embeddings().weight.device
 
+    def forward(self, input_ids: torch.Tensor | None = None, **kwargs) -> Forward:
+        """`signal_forward` on this model's LLM and input projection (media spliced into their slots →
+        LLM → logits and signal states); see there for the arguments."""
+        return signal_forward(self.llm, self.input_proj, input_ids, **kwargs)
+
     # ------------------------------------------------------------------ inputs
     def encode_media(self, items: list[MediaInput]) -> torch.Tensor:
         """(n, hidden): each item its own LLM input embedding (the official code summed them)."""
@@ -291,14 +349,13 @@ class NextGPT(nn.Module):
                 raise ValueError(f"unknown modality {m!r}; expected one of {', '.join(MODALITIES)}")
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         warpers = self._warpers(temperature, top_p, top_k)
-        embed = self.llm.get_input_embeddings()
         eos = self.tokenizer.eos_token_id
 
         inputs, keys = self.build_inputs(messages)
         timings["encode"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         kv, reused = (cache.reuse(keys) if cache is not None else (KVCache(), 0))
-        out = self.llm(inputs_embeds=inputs[:, reused:], past_key_values=kv, use_cache=True)
+        out = self(inputs_embeds=inputs[:, reused:], past_key_values=kv, use_cache=True)
         timings["prefill"] = time.perf_counter() - t1
         timings["prefill_tokens"] = inputs.shape[1] - reused
         timings["prompt_tokens"] = inputs.shape[1]
@@ -333,11 +390,9 @@ class NextGPT(nn.Module):
                     modality = self.first_signal[next_id]
                     emitted.append((modality, len(ids)))
                     forced = list(self.signal_ids[modality][1:])
-            token = torch.tensor([[next_id]], device=self.device)
-            token_embed = embed(token)
-            out = self.llm(inputs_embeds=token_embed, past_key_values=kv, use_cache=True, output_hidden_states=True)
+            out = self(torch.tensor([[next_id]], device=self.device), past_key_values=kv, use_cache=True, all_states=True)
             ids.append(next_id)
-            states.append(out.hidden_states[-1][0, -1] + token_embed[0, -1])
+            states.append(out.all_states[0, -1])
             logits = out.logits[0, -1]
             if not forced and next_id not in self.all_signal_ids and (loop := repeating_tail(ids)):
                 # a reply that loops ("fivefivefive…") stops now instead of running to the token limit:
@@ -385,7 +440,7 @@ class NextGPT(nn.Module):
             n = MODALITIES[modality].num_tokens
             group = torch.stack(states[start : start + n])[None]
             projector = self.output_projectors[modality]
-            signals.append(Signal(modality, projector(group.to(projector.fc.weight.dtype)), start))
+            signals.append(Signal(modality, projector(group.to(projector.fc.weight.dtype)), start, group))
         timings["project"] = time.perf_counter() - t3
         text = self._text(ids).strip()
         if on_text is not None and len(text) > streamed:

@@ -548,29 +548,24 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
 def signal_states(model, collate, examples, forward_batch: int) -> dict:
     """{"<modality>.x": (n, N, hidden) last hidden state + input embedding at each signal group,
     "<modality>.y": (n, ...) its decoder text-embedding target}: one forward pass without a graph per
-    batch, with the trainer's own encoding and collation (so the same states as at inference)."""
+    batch (`NextGPT.forward`, the function generation and the trainer run), with the trainer's own
+    encoding and collation (so the same states as at inference)."""
     import torch
 
     from nextgpt.tokens import MODALITIES as SIGNALS
 
     feats: dict[str, list[torch.Tensor]] = {m: [] for m in SIGNALS}
     targets: dict[str, list[torch.Tensor]] = {m: [] for m in SIGNALS}
-    embed = model.llm.get_input_embeddings()
     examples = sorted(examples, key=lambda e: len(e.input_ids))  # less padding
     with torch.inference_mode():
         for i in range(0, len(examples), forward_batch):
             batch = collate(examples[i : i + forward_batch])
-            x = embed(batch["input_ids"])
-            if batch["media_vectors"].shape[0]:
-                proj = model.input_proj(batch["media_vectors"].to(model.input_proj.weight.dtype)).to(x.dtype)
-                x = x.index_put((batch["media_batch"], batch["media_pos"]), proj)
-            o = model.llm(inputs_embeds=x, attention_mask=batch["attention_mask"], use_cache=False, output_hidden_states=True)
-            hidden = o.hidden_states[-1]
+            fw = model(batch["input_ids"], attention_mask=batch["attention_mask"], media_vectors=batch["media_vectors"],
+                        media_batch=batch["media_batch"], media_pos=batch["media_pos"],
+                        signals={m: (g["batch"], g["start"]) for m, g in batch["signals"].items()})  # fmt: skip
             for m, g in batch["signals"].items():
-                pos = g["start"][:, None] + torch.arange(SIGNALS[m].num_tokens)
-                rows = g["batch"][:, None].expand_as(pos)
                 has = g["has_target"]
-                feats[m].append((hidden[rows, pos] + x[rows, pos])[has].float().clone())
+                feats[m].append(fw.states[m][has].float().clone())
                 targets[m].append(g["target"][has].float().clone())
             if (i // forward_batch) % 10 == 0:
                 _say(f"refit: states {min(i + forward_batch, len(examples))}/{len(examples)}")

@@ -8,7 +8,7 @@
 - `trainer`: `TrainConfig`, `Trainer` (loss, optimizer, checkpoints, resume, data-parallel).
 - `export`: our checkpoint → the official `pytorch_model.pt` key layout.
 
-The core never runs a decoder: the front end (`training/stages.py`) computes the targets with the
+The trainer never runs a decoder: the stage driver (`training/stages.py`) computes the targets with the
 decoder tools and passes them in.
 """
 

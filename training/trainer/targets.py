@@ -4,7 +4,7 @@ The official code precomputes them once (`process_embeddings.py`, one .npy per c
 modality has a folder of safetensors shards mapping the SHA-256 of the caption's UTF-8 text to the
 tensor as the decoder produced it ((L, D) for image/video, (D,) for audio). Shards are read lazily
 (memory-mapped) and new entries are written as new shards, so a CC3M-sized cache never has to fit
-in memory. The core never runs a decoder: the front end (`training/stages.py`) fills missing entries
+in memory. The trainer never runs a decoder: the stage driver (`training/stages.py`) fills missing entries
 with a callable (the decoder tools' `text_embeds`) and hands `TargetCache.get` to the trainer.
 """
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextgpt.checkpoint import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, FORMAT, META_FILE, WEIGHTS_FILE
+from nextgpt.model import Forward, signal_forward
 from nextgpt.tokens import MODALITIES
 from training.trainer.data import Dialog
 from training.trainer.encode import IGNORE, Collator, DialogEncoder, Example, MediaCache
@@ -208,17 +209,18 @@ class TrainModule(nn.Module):
         self.output_projectors = output_projectors
         self.loss_scale = dict(loss_scale)
 
+    def run(self, batch: dict) -> Forward:
+        """The batch through `signal_forward` (as `NextGPT.generate` and the refit run it): media spliced
+        into their slots → LLM → logits and the signal states of every group in the batch."""
+        groups = {m: (g["batch"], g["start"]) for m, g in (batch.get("signals") or {}).items()}
+        return signal_forward(self.llm, self.input_proj, batch["input_ids"], attention_mask=batch["attention_mask"],
+                              media_vectors=batch["media_vectors"], media_batch=batch["media_batch"],
+                              media_pos=batch["media_pos"], signals=groups)  # fmt: skip
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        ids, labels = batch["input_ids"], batch["labels"]
-        x = self.llm.get_input_embeddings()(ids)
-        vectors = batch["media_vectors"]
-        if vectors.shape[0]:
-            proj = self.input_proj(vectors.to(self.input_proj.weight.dtype)).to(x.dtype)
-            x = x.index_put((batch["media_batch"], batch["media_pos"]), proj)
+        labels = batch["labels"]
         signals = batch.get("signals") or {}
-        out = self.llm(
-            inputs_embeds=x, attention_mask=batch["attention_mask"], use_cache=False, output_hidden_states=bool(signals)
-        )
+        out = self.run(batch)
         logits = out.logits[:, :-1].float()
         target = labels[:, 1:]
         n = (target != IGNORE).sum()
@@ -226,22 +228,16 @@ class TrainModule(nn.Module):
         lm = lm / n.clamp(min=1)
         losses = {"lm": lm}
         total = lm
-        if signals:
-            hidden = out.hidden_states[-1]
-            for m, g in signals.items():
-                has = g["has_target"]
-                if not bool(has.any()):
-                    continue
-                n_tok = MODALITIES[m].num_tokens
-                pos = g["start"][:, None] + torch.arange(n_tok, device=ids.device)
-                rows = g["batch"][:, None].expand_as(pos)
-                states = hidden[rows, pos] + x[rows, pos]  # as NextGPT.generate
-                projector = self.output_projectors[m]
-                pred = projector(states[has].to(projector.fc.weight.dtype))
-                # per-token Euclidean distance, averaged (official: ((u-v)²).sum(-1).sqrt().mean())
-                l2 = torch.linalg.vector_norm(pred.float() - g["target"][has].float(), dim=-1).mean()
-                losses[f"l2_{m}"] = l2
-                total = total + self.loss_scale[m] * l2
+        for m, g in signals.items():
+            has = g["has_target"]
+            if not bool(has.any()):
+                continue
+            projector = self.output_projectors[m]
+            pred = projector(out.states[m][has].to(projector.fc.weight.dtype))
+            # per-token Euclidean distance, averaged (official: ((u-v)²).sum(-1).sqrt().mean())
+            l2 = torch.linalg.vector_norm(pred.float() - g["target"][has].float(), dim=-1).mean()
+            losses[f"l2_{m}"] = l2
+            total = total + self.loss_scale[m] * l2
         losses["loss"] = total
         return losses
 
