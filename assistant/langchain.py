@@ -12,7 +12,9 @@ turn in the model's own layout (media, then text); text between media items spli
 into consecutive turns so that every item stays where it was.
 
 Message out: an `AIMessage` whose content is a text block followed by one media block per
-generated file (a `file://` url, its mime type, sizes in `extras`); `usage_metadata` counts
+generated file (a `file://` url, its mime type, sizes in `extras`) — or, when the reply named a
+thing before it made it and went on talking, ordered parts: text, media, text… each item where
+its signal stood (`AssistantReply.parts`); `usage_metadata` counts
 prompt positions (a media item is one) and generated tokens (signal tokens included);
 `response_metadata` holds the raw token trace, the seed, the finish reason and any decoder
 failures. `stream()` yields the text as it is generated; the media blocks, the usage and the
@@ -231,8 +233,14 @@ class NextGPTChatModel(BaseChatModel):
     def _final(self, reply, *, stream: bool) -> dict:
         """Content, usage and metadata of a finished reply (the last chunk's, when streaming)."""
         media = [media_block(m) for m in reply.media]
+        if stream:
+            content = media  # the text came as it was generated
+        elif any(p is not None and p < len(reply.text) for p in reply.places):  # media between words: in order
+            content = [{"type": "text", "text": x} if kind == "text" else media_block(x) for kind, x in reply.parts()]
+        else:
+            content = [{"type": "text", "text": reply.text}] + media
         return {
-            "content": media if stream else [{"type": "text", "text": reply.text}] + media,
+            "content": content,
             "usage_metadata": {
                 "input_tokens": reply.prompt_tokens,
                 "output_tokens": reply.output_tokens,

@@ -3,6 +3,14 @@
     chat = Chat.start(assistant, memory)             # or session_id=..., continue_last=True
     chat.attach("photo.png")                         # checked now, sent with the next prompt
     reply = chat.send("what is this? draw it blue", want=["image"])
+    reply = chat.regenerate(reseed=True)             # the one regenerate rule (assistant.settings)
+
+A turn is two steps a caller may drive itself: `draft = chat.generate(text, want=...)` (the
+message checked and saved, the reply's text and signals generated) and `chat.finish(draft, reply)`
+(the media rendered unless `reply` already holds them, the reply saved). `send` / `regenerate` do
+both. The Discord bot renders several chats' drafts in one `Assistant.render` call and then
+finishes each. Every front end uses this class: it decides the context, the settings (`settings`,
+a ChatSettings; a turn's own layer over it) and what is saved; front ends only present.
 
 Durability: the user's turn (text + attachments snapshotted into the blob store) is committed
 BEFORE generation starts; the assistant's turn is written in one transaction once complete. A
@@ -28,49 +36,18 @@ from __future__ import annotations
 import functools
 import mimetypes
 import platform
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
-from assistant.agent import Assistant, AssistantReply
+from assistant.agent import Assistant, AssistantReply, Draft
+from assistant.settings import ChatSettings, regenerate_settings  # noqa: F401 - ChatSettings is imported from here too
 from memory import MediaIn, Memory, SessionInfo, TurnInfo
+from nextgpt.messages import MediaInput, Message
 
 MEDIA_SLOT_TOKENS = 3  # <Img> [embedding] </Img>
 TRUNCATE_TO = 0.75  # when the history exceeds the budget, drop oldest turns down to this share of it
 
 MIME_BY_MODALITY = {"image": "image/png", "audio": "audio/wav", "video": "video/mp4"}
-
-
-@dataclass
-class ChatSettings:
-    """What `/set` and `/seed` change; None means the profile's default."""
-
-    seed: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    max_new_tokens: int | None = None
-
-    def set(self, key: str, value: str) -> None:
-        """Parse and set one setting from text; ValueError names the problem."""
-        types = {f.name: f.type for f in fields(self)}
-        key = {"max_tokens": "max_new_tokens", "max-tokens": "max_new_tokens"}.get(key, key)
-        if key not in types:
-            raise ValueError(f"unknown setting {key!r}; settable: {', '.join(types)}")
-        if value.lower() in {"default", "none", "auto"}:
-            setattr(self, key, None)
-            return
-        kind = int if "int" in str(types[key]) else float
-        try:
-            parsed = kind(value)
-        except ValueError:
-            raise ValueError(f"{key} takes {'a whole number' if kind is int else 'a number'}, not {value!r}") from None
-        limits = {"steps": (1, 500), "max_new_tokens": (1, 8192), "guidance": (0, 100), "temperature": (0, 10), "top_p": (1e-6, 1)}
-        lo, hi = limits.get(key, (None, None))
-        if lo is not None and not lo <= parsed <= hi:
-            raise ValueError(f"{key} must be between {lo} and {hi}, not {value}")
-        setattr(self, key, parsed)
 
 
 @functools.cache  # the same for the whole process; reading package metadata cost ~10 ms per turn
@@ -138,52 +115,56 @@ class Chat:
         return modality
 
     def send(self, text: str, *, want=(), on_text=None, on_progress=None, stop=None, check=None) -> AssistantReply:
-        """Save the user's turn, then answer it. `stop` / `check`: as `Assistant.respond` (API callers)."""
+        """Save the user's turn, then answer it: `finish(generate(...))`."""
+        return self.finish(self.generate(text, want=want, on_text=on_text, on_progress=on_progress, stop=stop, check=check))
+
+    def regenerate(self, *, reseed: bool = False, on_text=None, on_progress=None) -> AssistantReply:
+        """Answer the last user turn again: `finish(generate_again(...))`."""
+        return self.finish(self.generate_again(reseed=reseed, on_text=on_text, on_progress=on_progress))
+
+    def generate(self, text: str, *, want=(), on_text=None, on_progress=None, stop=None, check=None,
+                 settings: ChatSettings | None = None) -> Draft:
+        """Step 1 of a turn: check the message against the context budget (nothing is saved when it
+        is over: `nextgpt.limits.BudgetExceeded`), save it with the staged attachments (committed
+        before generation), and generate the reply's text and signals. `settings`: this turn's,
+        over the chat's (None: the chat's). `stop` / `check`: as `Assistant.generate`."""
+        from nextgpt.limits import check_chat_message
+
         if not text.strip() and not self.staged:
             raise ValueError("empty message: type something or /attach a file")
+        check_chat_message(self, text, settings=self.turn_settings(settings))
         media = [MediaIn(path=p, direction="in", modality=m, mime=self._mime(p, m)) for m, p in self.staged]
         self.memory.add_turn(self.session.id, "user", text, media=media)  # committed before generation
         if self.session.title is None:
             self.session = self.memory.rename_session(self.session.id, text.strip()[:60] or "(media)")
         self.staged = []
-        return self._reply(want=list(want), on_text=on_text, on_progress=on_progress, stop=stop, check=check)
+        return self._generate(list(want), self.turn_settings(settings), on_text=on_text, on_progress=on_progress,
+                              stop=stop, check=check)
 
-    def regenerate(self, *, reseed: bool = False, on_text=None, on_progress=None) -> AssistantReply:
-        """Drop the last reply and answer the last user turn again (with a new seed if `reseed`)."""
+    def generate_again(self, *, reseed: bool = False, on_text=None, on_progress=None,
+                       settings: ChatSettings | None = None) -> Draft:
+        """Step 1 of a regenerate: drop the last reply and generate the last user turn's answer again,
+        with the replaced reply's seed, steps and guidance pinned (`reseed`: its seed + 1) over the
+        current settings: `assistant.settings.regenerate_settings`, the one rule for every front end."""
         turns = self.memory.turns(self.session.id, last=2)
         if not turns:
             raise ValueError("nothing to regenerate: this session has no turns yet")
-        want: list[str] = []
+        replaced = turns[-1].settings if turns[-1].role == "assistant" else None
+        turn = regenerate_settings(self.turn_settings(settings), replaced, reseed=reseed)
+        want = list((replaced or {}).get("want", []))
         if turns[-1].role == "assistant":
-            previous = turns[-1].settings or {}
-            want = previous.get("want", [])
-            if reseed:
-                self.settings.seed = (previous.get("seed") or 0) + 1
             self.memory.delete_last_turns(self.session.id, 1)
-        return self._reply(want=want, on_text=on_text, on_progress=on_progress)
+        return self._generate(want, turn, on_text=on_text, on_progress=on_progress)
 
-    def _reply(self, *, want, on_text, on_progress, stop=None, check=None) -> AssistantReply:
-        s = self.settings
-        messages = self.context(self.memory.turns(self.session.id))
-        if self.use_cache and self.cache is None:
-            from nextgpt.model import PromptCache
-
-            self.cache = PromptCache()
-        reply = self.assistant.respond(
-            messages, want=want, seed=s.seed, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-            top_p=s.top_p, steps=s.steps, guidance=s.guidance, on_text=on_text, on_progress=on_progress,
-            cache=self.cache if self.use_cache else None, stop=stop, check=check,
-        )
-        gen = self.assistant.profile.generation
+    def finish(self, draft: Draft, reply: AssistantReply | None = None) -> AssistantReply:
+        """Step 2: render the draft's media (unless `reply` is its rendering already, e.g. from a
+        batched `Assistant.render`) and save the reply, in one transaction."""
+        if reply is None:
+            reply = self.assistant.render([draft])[0]
         profile = self.assistant.profile
         settings = {
-            "seed": reply.seed,
-            "steps": s.steps,
-            "guidance": s.guidance,
-            "temperature": gen.temperature if s.temperature is None else s.temperature,
-            "top_p": s.top_p or gen.top_p,
-            "max_new_tokens": s.max_new_tokens or gen.max_new_tokens,
-            "want": want,
+            **reply.settings.record(),
+            "want": list(reply.want),
             "profile": self.assistant.profile_name,
             "llm": profile.llm.source,
             "checkpoint": profile.checkpoint,
@@ -192,12 +173,16 @@ class Chat:
             "finish_reason": reply.finish_reason,
             "failures": [asdict(f) for f in reply.failures],
         }
+        # where each item stood among the words, kept only when one stood before the end (ordered parts)
+        inside = any(p is not None and p < len(reply.text) for p in reply.places)
         out = [
             MediaIn(
                 path=m.path, direction="out", modality=m.modality, mime=m.mime, width=m.width, height=m.height,
-                frames=m.frames, duration=m.duration, meta={"seed": m.seed, "steps": m.steps, "guidance": m.guidance},
+                frames=m.frames, duration=m.duration,
+                meta={"seed": m.seed, "steps": m.steps, "guidance": m.guidance,
+                      **({"at": at} if inside and at is not None else {})},
             )
-            for m in reply.media
+            for m, at in zip(reply.media, reply.places or [None] * len(reply.media))
         ]
         self.memory.add_turn(
             self.session.id, "assistant", reply.text, token_trace=reply.trace, settings=settings,
@@ -206,11 +191,26 @@ class Chat:
         self.session = self.memory.get_session(self.session.id)
         return reply
 
-    # ------------------------------------------------------------------ context
-    def context(self, turns: list[TurnInfo]) -> list:
-        """Model messages for the session's turns, truncated to the token budget (see module doc)."""
-        from nextgpt.model import MediaInput, Message
+    def turn_settings(self, settings: ChatSettings | None = None) -> ChatSettings:
+        """The settings of the next turn: `settings` over the chat's (None: not set; see
+        assistant.settings)."""
+        return ChatSettings.layered(self.settings, settings)
 
+    def _generate(self, want, settings: ChatSettings, *, on_text, on_progress, stop=None, check=None) -> Draft:
+        messages = self.context(self.memory.turns(self.session.id), settings)
+        if self.use_cache and self.cache is None:
+            from nextgpt.model import PromptCache
+
+            self.cache = PromptCache()
+        return self.assistant.generate(
+            messages, settings=settings, want=want, on_text=on_text, on_progress=on_progress,
+            cache=self.cache if self.use_cache else None, stop=stop, check=check,
+        )
+
+    # ------------------------------------------------------------------ context
+    def context(self, turns: list[TurnInfo], settings: ChatSettings | None = None) -> list:
+        """Model messages for the session's turns, truncated to the token budget (see module doc)
+        left by the turn's `max_new_tokens` (`settings`, else the chat's)."""
         messages = []
         for t in turns:
             if t.role == "system":
@@ -222,7 +222,8 @@ class Chat:
                 text = f"{text} (an attachment of this message is missing)".strip()
             items = [MediaInput(m.modality, embedding=self._embedding(m)) for m in present]
             messages.append(Message(t.role, text, items))
-        start = self._truncate(messages, [t.id for t in turns])
+        max_new = (settings or self.turn_settings()).resolved(self.assistant.profile).max_new_tokens
+        start = self._truncate(messages, [t.id for t in turns], self.context_tokens - max_new)
         return messages[start:]
 
     def _embedding(self, media):
@@ -231,9 +232,8 @@ class Chat:
             self._embeddings[media.sha256] = self.assistant.model.encoder.encode([(media.modality, media.path)])[0]
         return self._embeddings[media.sha256]
 
-    def _truncate(self, messages: list, ids: list[str]) -> int:
+    def _truncate(self, messages: list, ids: list[str], budget: int) -> int:
         """Index of the first message kept (see the module doc); remembers it by turn id."""
-        budget = self.context_tokens - (self.settings.max_new_tokens or self.assistant.profile.generation.max_new_tokens)
         cost = [self._token_count(m.text) + 8 + MEDIA_SLOT_TOKENS * len(m.media) for m in messages]
         users = [i for i, m in enumerate(messages) if m.role == "user"]
         if not users:
@@ -259,3 +259,68 @@ class Chat:
     def _mime(path: Path, modality: str) -> str:
         guess, _ = mimetypes.guess_type(str(path))
         return guess if guess and guess.startswith(modality) else MIME_BY_MODALITY[modality]
+
+
+def cache_bytes(chat: Chat) -> int:
+    """Memory held by a chat's LLM key/value cache (its buffers, spare room included)."""
+    kv = getattr(chat.cache, "kv", None)
+    if kv is None:
+        return 0
+    total = 0
+    for layer in getattr(kv, "layers", ()):
+        tensors = getattr(layer, "buffers", None) or (getattr(layer, "keys", None), getattr(layer, "values", None))
+        total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total
+
+
+class Chats:
+    """The open chats of a server front end (Discord, `nextgpt serve`), one per memory session,
+    kept with their KV caches. `max_cache_bytes` bounds the caches together (77 MB for 890 tokens
+    on `small`, GBs on a 7B): the least recently used chats lose theirs first (recomputed if they
+    come back); `max_chats` bounds the number of chats kept at all. Used from the thread that runs
+    the model."""
+
+    def __init__(self, assistant: Assistant, memory: Memory, *, max_chats: int = 64, max_cache_bytes: int | None = None):
+        import collections
+
+        self.assistant = assistant
+        self.memory = memory
+        self.max_chats = max_chats
+        self.max_cache_bytes = max_cache_bytes
+        self._chats: collections.OrderedDict[str, Chat] = collections.OrderedDict()
+
+    def get(self, session_id: str, settings: ChatSettings | None = None) -> Chat:
+        """The session's chat (resumed from memory if not open), most recently used now, with
+        `settings` as its settings and nothing staged."""
+        chat = self._chats.pop(session_id, None)
+        if chat is None:
+            chat = Chat.start(self.assistant, self.memory, session_id=session_id)
+        self._chats[session_id] = chat
+        while len(self._chats) > self.max_chats:
+            self._chats.popitem(last=False)
+        self.bound_caches()
+        chat.settings = settings or ChatSettings()
+        chat.staged = []
+        return chat
+
+    def __len__(self) -> int:
+        return len(self._chats)
+
+    def __getitem__(self, session_id: str) -> Chat:
+        return self._chats[session_id]
+
+    def items(self) -> list[tuple[str, Chat]]:
+        return list(self._chats.items())
+
+    def bound_caches(self) -> None:
+        """Drop the least recently used chats' KV caches until all of them fit `max_cache_bytes`."""
+        if self.max_cache_bytes is None:
+            return
+        sizes = {sid: cache_bytes(c) for sid, c in self._chats.items()}
+        total = sum(sizes.values())
+        for sid, chat in self._chats.items():  # oldest first
+            if total <= self.max_cache_bytes:
+                break
+            if sizes[sid]:
+                chat.cache = None
+                total -= sizes[sid]

@@ -33,7 +33,6 @@ from pathlib import Path
 from prompt_toolkit.completion import Completer
 
 from bots.render import describe, image_preview, preview_mode, printable
-from nextgpt.limits import check_chat_message, parse_seed
 
 log = logging.getLogger(__name__)
 
@@ -406,9 +405,7 @@ class ChatUI:
         return self.chat.assistant
 
     def setting_names(self) -> list[str]:
-        from dataclasses import fields
-
-        return [f.name for f in fields(self.chat.settings)]
+        return list(self.chat.settings.names())
 
     def toolbar(self):
         s = self.chat.session
@@ -536,10 +533,6 @@ class ChatUI:
         if not self.ensure_model():
             self.want = want or self.want
             return None
-        try:  # before `send`, which saves the message: a refused one leaves nothing behind
-            check_chat_message(self.chat, text)
-        except ValueError as e:
-            return self.error(e)
         return self._run_turn(lambda view: self.chat.send(
             text, want=want, on_text=view.on_text if self.stream else None, on_progress=view.on_progress,
         ))
@@ -666,17 +659,8 @@ class ChatUI:
         ))
 
     def _profile_default(self, key: str) -> str:
-        """What None means for a setting under this profile, as text ("?" when unknown)."""
-        profile = getattr(self.assistant, "profile", None)
-        try:
-            if key in ("steps", "guidance"):
-                values = {m: getattr(d, key) for m, d in profile.decoders.items()}
-                if len(set(values.values())) == 1:
-                    return str(next(iter(values.values())))
-                return ", ".join(f"{m} {v}" for m, v in values.items())
-            return str(getattr(profile.generation, key))
-        except Exception:
-            return "?"
+        """What None means for a setting under this profile, as text."""
+        return self.chat.settings.default(key, getattr(self.assistant, "profile", None))
 
     def cmd_seed(self, arg: str):
         if not arg:
@@ -686,7 +670,7 @@ class ChatUI:
         if len(arg.split()) != 1:
             return self.usage("seed")
         try:
-            self.chat.settings.set("seed", str(parse_seed(arg)) if arg.lower() not in ("default", "none", "auto") else arg)
+            self.chat.settings.set("seed", arg)
         except ValueError as e:
             return self.hint(f"{_one_line(e)} — usage: {COMMANDS['seed'][0]}")
         self.say(f"seed set to {self.chat.settings.seed if self.chat.settings.seed is not None else 'default'}", "green")
@@ -710,12 +694,9 @@ class ChatUI:
             return self.hint(f"usage: /set KEY VALUE (keys: {', '.join(self.setting_names())}; VALUE `default` resets)")
         key, value = parts[0], parts[1].strip()
         try:
-            if key == "seed" and value.lower() not in ("default", "none", "auto"):
-                value = str(parse_seed(value))
-            self.chat.settings.set(key, value)
+            key = self.chat.settings.set(key, value)
         except ValueError as e:
             return self.hint(f"{_one_line(e)} — usage: /set KEY VALUE")
-        key = {"max_tokens": "max_new_tokens", "max-tokens": "max_new_tokens"}.get(key, key)
         now = getattr(self.chat.settings, key, None)
         self.say(f"{key} = {'default' if now is None else now}", "green")
 

@@ -82,10 +82,7 @@ def rerun(settings, memory, session_id: str, *, profile: str | None = None, cons
                 continue
             recorded = turns[i + 1] if i + 1 < len(turns) and turns[i + 1].role == "assistant" else None
             s = (recorded.settings if recorded else None) or {}
-            chat.settings = ChatSettings(
-                seed=s.get("seed"), steps=s.get("steps"), guidance=s.get("guidance"),
-                temperature=s.get("temperature"), top_p=s.get("top_p"), max_new_tokens=s.get("max_new_tokens"),
-            )
+            chat.settings = ChatSettings.pinned(s)  # the turn's saved settings, as a regenerate pins them
             chat.staged = [(m.modality, m.path) for m in turn.media_in]
             with console.status(f"re-running turn {turn.index}…"):
                 reply = chat.send(turn.text, want=s.get("want", []))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import collections
 import ipaddress
 import json
 import logging
@@ -37,7 +36,6 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote, urlparse
 
 from fastapi import FastAPI, Request
@@ -299,8 +297,9 @@ class Backend:
         self.queue = FairQueue(per_user_cap=config.per_key_queue_cap, rate_per_minute=config.rate_limit_per_minute,
                                max_waiting=config.max_queue)  # fmt: skip
         self.worker = Worker(self.queue, name="nextgpt-serve-worker")
-        self.chats: collections.OrderedDict[str, Any] = collections.OrderedDict()
-        self.max_chats = max_chats
+        from assistant.session import Chats
+
+        self.chats = Chats(assistant, memory, max_chats=max_chats)  # the sessions' chats with their KV caches
 
     def start(self, warmup: bool = True) -> None:
         self.worker.start()
@@ -323,18 +322,14 @@ class Backend:
     def reply(self, messages, *, want, settings, stop, session: str | None, on_text, cancel: Cancel):
         """Run on the worker thread: one reply, stateless or in a memory session."""
         from assistant.agent import StopFilter, first_stop
-        from assistant.session import Chat, ChatSettings
+        from assistant.session import ChatSettings
         from nextgpt.model import MediaInput, Message
 
         with self.assistant.lock:
             if session is None:
                 ours = [Message(role, text, [MediaInput(m, path=p) for m, p in media]) for role, text, media in messages]
                 return self.assistant.respond(ours, want=want, stop=stop, on_text=on_text, check=cancel.check, **settings), None
-            chat = self.chats.pop(session, None) or Chat.start(self.assistant, self.memory, session_id=session)
-            self.chats[session] = chat
-            while len(self.chats) > self.max_chats:
-                self.chats.popitem(last=False)
-            chat.settings = ChatSettings(**settings)
+            chat = self.chats.get(session, ChatSettings.of(settings))
             role, text, media = messages[-1]
             if role != "user":
                 raise ApiError(400, "with a session the last message must be the user's new message", param="messages")

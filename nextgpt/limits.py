@@ -66,10 +66,11 @@ def check_message(tokenizer, text: str, n_media: int = 0, *, max_new_tokens: int
     return n
 
 
-def check_chat_message(chat, text: str) -> int:
-    """`check_message` for the next `assistant.session.Chat.send(text)` (its staged attachments, its
-    settings and context budget): front ends call it before `send`, which saves the message."""
+def check_chat_message(chat, text: str, settings=None) -> int:
+    """`check_message` for the next `assistant.session.Chat.send(text)` (its staged attachments,
+    the turn's `settings` (default: the chat's) and its context budget); `Chat.generate` calls it
+    before it saves the message."""
     assistant = chat.assistant
-    max_new = chat.settings.max_new_tokens or assistant.profile.generation.max_new_tokens
+    max_new = (settings or chat.turn_settings()).resolved(assistant.profile).max_new_tokens
     return check_message(assistant.model.tokenizer, text, len(chat.staged), max_new_tokens=max_new,
                          context_tokens=chat.context_tokens)

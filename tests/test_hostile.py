@@ -345,17 +345,18 @@ def test_doctor_repair_collects_orphans_and_reports_damaged_sessions(memory, med
 
 
 def test_discord_kv_caches_are_bounded_by_bytes(tiny_assistant, memory):
-    from bots.discord.engine import Engine, cache_bytes
+    from assistant.session import cache_bytes
+    from bots.discord.engine import Engine
 
     engine = Engine(tiny_assistant, memory)
     sessions = [engine.new_session(None).id for _ in range(3)]
     for sid in sessions:
         engine.turn(None, sid, text="hello there")
-    sizes = [cache_bytes(engine._chats[sid]) for sid in sessions]
+    sizes = [cache_bytes(engine.chats[sid]) for sid in sessions]
     assert all(sizes)
-    engine.max_cache_bytes = sizes[-1] + sizes[-2]  # room for the two most recent
+    engine.chats.max_cache_bytes = sizes[-1] + sizes[-2]  # room for the two most recent
     engine.turn(None, sessions[-1], text="again")
-    held = {sid: cache_bytes(c) for sid, c in engine._chats.items()}
+    held = {sid: cache_bytes(c) for sid, c in engine.chats.items()}
     assert held[sessions[0]] == 0 and held[sessions[-1]] > 0
-    assert sum(held.values()) <= engine.max_cache_bytes
+    assert sum(held.values()) <= engine.chats.max_cache_bytes
     assert engine.turn(None, sessions[0], text="back").text is not None  # a dropped cache is recomputed

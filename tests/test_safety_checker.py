@@ -119,8 +119,8 @@ def test_the_reply_says_an_image_was_withheld(checked_settings, tiny_model, tmp_
     reply = assistant.respond([Message("user", "draw")], want=["image"], seed=0, max_new_tokens=2)
     assert reply.media == [] and [(f.modality, f.withheld) for f in reply.failures] == [("image", True)]
     assert "the image was withheld" in reply.failures[0].error and isinstance(reply.text, str)
-    with assistant.decoder_options(safety_checker=False):  # how Discord applies a server's setting
-        reply = assistant.respond([Message("user", "draw")], want=["image"], seed=0, max_new_tokens=2)
+    # a setting like any other (a Discord server's /settings safety_checker off)
+    reply = assistant.respond([Message("user", "draw")], want=["image"], seed=0, max_new_tokens=2, safety_checker=False)
     assert [m.modality for m in reply.media] == ["image"] and reply.failures == []
 
 
@@ -141,14 +141,14 @@ def test_ask_reports_it(checked_settings, tmp_path, capsys):
 
 def test_a_discord_server_can_turn_it_off(checked_settings, tiny_model, tmp_path):
     from assistant.agent import Assistant
-    from bots.discord.bot import _on_off
-    from bots.discord.engine import SERVER_SETTING_NAMES, Engine
+    from assistant.settings import ChatSettings, on_off
+    from bots.discord.engine import Engine
     from memory import Memory
 
-    assert "safety_checker" in SERVER_SETTING_NAMES
-    assert (_on_off("off"), _on_off("ON"), _on_off("default")) == (False, True, None)
+    assert "safety_checker" in ChatSettings.names()  # a Discord server's /settings keys are ChatSettings'
+    assert (on_off("off"), on_off("ON"), on_off("default")) == (False, True, None)
     with pytest.raises(ValueError, match="on, off or default"):
-        _on_off("maybe")
+        on_off("maybe")
     assistant = Assistant(checked_settings, "tiny", output_dir=tmp_path / "out")
     assistant._model = tiny_model
     memory = Memory.open(data_dir=tmp_path / "data")

@@ -24,6 +24,7 @@ import logging
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -31,14 +32,14 @@ from typing import Any, Optional
 import discord
 from discord import app_commands
 
+from assistant.settings import ChatSettings
 from bots.discord import redact
 from bots.discord.batch import DecoderBatcher
 from bots.discord.config import DiscordConfig
-from bots.discord.engine import SERVER_SETTING_NAMES, Engine, TurnResult
+from bots.discord.engine import Engine, TurnResult
 from bots.discord.media import Fitted, fit_media, human_size
 from bots.discord.queue import FairQueue, Job, JobCancelled, QueueRejected, Worker
 from bots.discord.store import Store
-from nextgpt.limits import parse_seed
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +62,6 @@ class AttachmentRejected(Exception):
 
 def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: max(0, n - 1)] + "…"
-
-
-def _on_off(value: str) -> bool | None:
-    """`/settings safety_checker VALUE`: on / off (or true / false, yes / no), or default (None)."""
-    v = value.strip().lower()
-    if v in ("default", "none", "auto"):
-        return None
-    if v in ("on", "true", "yes", "1"):
-        return True
-    if v in ("off", "false", "no", "0"):
-        return False
-    raise ValueError(f"safety_checker takes on, off or default, not {value!r}")
 
 
 def _one_line(text: str) -> str:
@@ -239,16 +228,20 @@ def cancel_view(job: Job) -> discord.ui.View:
     return view
 
 
-def format_info(info: dict) -> str:
+def format_info(turn) -> str:
+    """The ℹ button's text, from the reply as the session saved it (memory's TurnInfo)."""
+    settings = turn.settings or {}
+    decoders = settings.get("decoders") or {}
     lines = []
-    for m in info.get("media") or []:
+    for m in turn.media_out:
+        meta = m.meta or {}
         lines.append(
-            f"{EMOJI.get(m['modality'], '')} **{m['modality']}** — seed `{m['seed']}` · steps `{m['steps']}` · "
-            f"guidance `{m['guidance']}` · decoder `{m.get('decoder')}`"
+            f"{EMOJI.get(m.modality, '')} **{m.modality}** — seed `{meta.get('seed')}` · steps `{meta.get('steps')}` · "
+            f"guidance `{meta.get('guidance')}` · decoder `{decoders.get(m.modality)}`"
         )
     if not lines:
-        lines.append(f"seed `{info.get('seed')}`")
-    lines.append(f"model: profile `{info.get('profile')}` · LLM `{info.get('llm')}`")
+        lines.append(f"seed `{settings.get('seed')}`")
+    lines.append(f"model: profile `{settings.get('profile')}` · LLM `{settings.get('llm')}`")
     return "\n".join(lines)
 
 
@@ -291,7 +284,7 @@ class NextGPTBot(discord.Client):
             per_user_cap=self.config.per_user_queue_cap, rate_per_minute=self.config.rate_limit_per_minute,
             max_waiting=self.config.max_queue, batch_max=self.config.batch_max,
         )
-        self.batcher = DecoderBatcher(self.queue, tools=self.engine.decoder_tools, delegate=self.engine.delegate)
+        self.batcher = DecoderBatcher(self.queue, self.engine)
         self.worker = Worker(self.queue, batch_runner=self.batcher)
         self.tmp_root = self.data_dir / "discord-tmp"
         self._threads: dict[int, str] = {}  # chat thread (or DM channel) id → current session id
@@ -372,11 +365,9 @@ class NextGPTBot(discord.Client):
             return int(guild.filesize_limit)
         return discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES
 
-    def _settings(self, guild_id: int | None, overrides: dict | None = None) -> dict:
-        merged = dict(self.config.defaults())
-        merged.update(self.store.guild_settings(guild_id))
-        merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return {k: v for k, v in merged.items() if k in SERVER_SETTING_NAMES}
+    def _settings(self, guild_id: int | None, overrides: dict | None = None) -> ChatSettings:
+        """The chat settings of a turn here: config defaults < the server's /settings < the command's."""
+        return ChatSettings.layered(self.config.defaults(), self.store.guild_settings(guild_id), overrides)
 
     def _precheck(self, attachment: discord.Attachment) -> str | None:
         """Instant checks from the attachment's metadata (no download)."""
@@ -523,7 +514,7 @@ class NextGPTBot(discord.Client):
             content = _clip("\n".join(x for x in (header, text, tail) if x), MAX_CONTENT)
             key = None
             if result.media:
-                key = await asyncio.to_thread(self.store.add_reply, result.session_id, thread_id, result.turn_index, user_id, result.info)
+                key = await asyncio.to_thread(self.store.add_reply, result.session_id, thread_id, result.turn_index, user_id)
             else:
                 await asyncio.to_thread(self.store.supersede, result.session_id)
             view = reply_view(key) if key else None
@@ -588,7 +579,7 @@ class NextGPTBot(discord.Client):
         @tree.command(name="settings", description="Server defaults for generation (Manage Server only)")
         @app_commands.describe(key="the setting to change (leave empty to see them all)",
                                value="a number (safety_checker: on or off), or 'default' to clear the server's value")
-        @app_commands.choices(key=[app_commands.Choice(name=k, value=k) for k in SERVER_SETTING_NAMES])
+        @app_commands.choices(key=[app_commands.Choice(name=k, value=k) for k in ChatSettings.names()])
         @app_commands.default_permissions(manage_guild=True)
         @app_commands.guild_only()
         async def settings(interaction: discord.Interaction, key: Optional[app_commands.Choice[str]] = None,
@@ -604,25 +595,16 @@ class NextGPTBot(discord.Client):
         if attachment is not None and (problem := self._precheck(attachment)):
             return await self._ephemeral(interaction, problem)
         session_id = self._threads.get(interaction.channel_id)
-        ctx: dict[str, Any] = {}
 
-        def work(job: Job) -> TurnResult:
-            return self.engine.turn(job, ctx["session_id"], text=prompt, attachments=ctx["attachments"],
-                                    want=want, settings=ctx["settings"])
-
-        try:  # reserve a place now (an immediate, ephemeral "no" if the user is over a limit)
-            job = self.queue.submit(user.id, work, label=label, hold=True)
-        except QueueRejected as e:
-            return await self._ephemeral(interaction, f"⏳ {e}")
-        folder = self._tmpdir()
-        try:
+        async def prepare(folder: Path) -> Intake | None:
+            nonlocal private
             check = asyncio.create_task(self._fetch(attachment, folder)) if attachment is not None else None
             if check is not None:  # wait for the check only as long as Discord's 3 s allow
                 age = (datetime.now(timezone.utc) - interaction.created_at).total_seconds()
                 await asyncio.wait({check}, timeout=max(0.0, min(ACK_BUDGET_S, 2.0 - max(0.0, age))))
                 if check.done() and isinstance(check.exception(), AttachmentRejected):
-                    self.queue.cancel(job.id)
-                    return await self._ephemeral(interaction, str(check.exception()))
+                    await self._ephemeral(interaction, str(check.exception()))
+                    return None
             in_thread = session_id is not None
             private = private and not in_thread and interaction.guild is not None
             await interaction.response.defer(thinking=True, ephemeral=private)
@@ -631,32 +613,58 @@ class NextGPTBot(discord.Client):
                 try:
                     staged = [await check]
                 except AttachmentRejected as e:  # slow check: drop the public placeholder, answer privately
-                    self.queue.cancel(job.id)
                     try:
                         await interaction.delete_original_response()
                     except discord.HTTPException:
                         pass
-                    return await interaction.followup.send(str(e), ephemeral=True, allowed_mentions=NO_MENTIONS)
+                    await interaction.followup.send(str(e), ephemeral=True, allowed_mentions=NO_MENTIONS)
+                    return None
             header = f"{user.mention}: {_clip(_one_line(prompt), 300)}" + (f" 📎 `{attachment.filename}`" if attachment else "")
             limit = self._upload_limit(interaction)
             if in_thread:
                 thread = interaction.channel
                 responder: Responder = InteractionResponder(interaction, fallback=thread, limit=limit, user=user)
+                sid = session_id
             else:
                 opened = await self._open_chat(interaction, prompt, header, private)
                 if opened is None:
-                    self.queue.cancel(job.id)
-                    return
-                session_id, thread, responder = opened
-            await asyncio.to_thread(self.store.set_last_user, session_id, user.id)
-            settings = self._settings(interaction.guild_id, overrides)
-            ctx.update(session_id=session_id, attachments=staged, settings=settings)
-            # a direct media request may share its decoder call with others like it (bots.discord.batch)
-            key = (want[0], settings.get("steps"), settings.get("guidance")) if len(want) == 1 else None
+                    return None
+                sid, thread, responder = opened
+            return Intake(sid, thread, responder, staged, header="" if private else header)
+
+        async def reject(content: str) -> None:
+            await self._ephemeral(interaction, content)
+
+        await self._intake(user.id, label=label, text=prompt, want=want, guild_id=interaction.guild_id,
+                           overrides=overrides, prepare=prepare, reject=reject)
+
+    async def _intake(self, user_id: int, *, label: str, text: str, want: list[str], guild_id: int | None,
+                      overrides: dict | None, prepare, reject) -> None:
+        """The one way from a request (a slash command, a plain message) to its reply. A place in the
+        queue first (a user over a limit costs no download or decoding: `reject` says why); then
+        `prepare(folder)`, the front end's part (attachments fetched into `folder`, the session and
+        its thread found or opened, where the reply goes; None after telling the user why not); then
+        the turn is released (a direct media request may share its decoder call with others like it,
+        bots.discord.batch) and followed to its reply. Any way out before the job ran cancels it;
+        the fetched files live until the worker is done with them."""
+        try:
+            job = self.queue.submit(user_id, _not_prepared, label=label, hold=True)
+        except QueueRejected as e:
+            return await reject(f"⏳ {e}")
+        folder = self._tmpdir()
+        try:
+            intake = await prepare(folder)
+            if intake is None:
+                return
+            await asyncio.to_thread(self.store.set_last_user, intake.session_id, user_id)
+            settings = self._settings(guild_id, overrides)
+            job.fn = self.engine.work(intake.session_id, text=text, attachments=intake.attachments, want=want,
+                                      settings=settings)
+            key = (want[0], settings.steps, settings.guidance) if len(want) == 1 else None
             if key is not None and key[0] in self.batcher.solo_only:
                 key = None
-            self.queue.release(job, batch_key=key, batch_scope=session_id)
-            await self._follow(job, responder, header="" if private else header, thread_id=thread.id, user_id=user.id)
+            self.queue.release(job, batch_key=key, batch_scope=intake.session_id)
+            await self._follow(job, intake.responder, header=intake.header, thread_id=intake.thread.id, user_id=user_id)
         finally:
             if not job.done:
                 self.queue.cancel(job.id)
@@ -717,11 +725,7 @@ class NextGPTBot(discord.Client):
                 interaction, "Only the person who started this chat, or who asked the last question, can regenerate it.")
         if superseded or self._threads.get(record.thread_id) != session_id:
             return await self._ephemeral(interaction, "Only the latest reply of a chat can be regenerated; this one has been replaced.")
-        settings = self._settings(interaction.guild_id)
-
-        def work(job: Job) -> TurnResult:
-            return self.engine.regenerate(job, session_id, reseed=reseed, settings=settings)
-
+        work = self.engine.work(session_id, regenerate=True, reseed=reseed, settings=self._settings(interaction.guild_id))
         try:
             job = self.queue.submit(user.id, work, label="re-seed" if reseed else "regenerate")
         except QueueRejected as e:
@@ -750,8 +754,21 @@ class NextGPTBot(discord.Client):
         if record is None:
             return await self._ephemeral(interaction, "I no longer know this reply.")
         if action == "info":
-            return await self._ephemeral(interaction, format_info(record.info))
+            turn = await asyncio.to_thread(self._saved_turn, record.session_id, record.turn_index)
+            if turn is None:
+                return await self._ephemeral(interaction, "I no longer know this reply.")
+            return await self._ephemeral(interaction, format_info(turn))
         await self.regenerate(interaction, record.session_id, reseed=action == "reseed", superseded=record.superseded)
+
+    def _saved_turn(self, session_id: str, index: int):
+        """A reply as its session saved it (None when it is gone: replaced, or the session deleted)."""
+        from memory import SessionNotFound
+
+        try:
+            turns = self.engine.memory.turns(session_id)
+        except SessionNotFound:
+            return None
+        return next((t for t in turns if t.index == index and t.role == "assistant"), None)
 
     async def on_cancel_button(self, interaction: discord.Interaction, job_id: int) -> None:
         if self.queue.cancel(job_id, interaction.user.id):
@@ -812,28 +829,22 @@ class NextGPTBot(discord.Client):
         await self._ephemeral(interaction, out.rstrip())
 
     async def server_settings(self, interaction: discord.Interaction, key: str | None, value: str | None) -> None:
-        from assistant.session import ChatSettings
-
         if interaction.guild_id is None:
             return await self._ephemeral(interaction, "Server settings exist only in servers.")
         if not interaction.permissions.manage_guild:
             return await self._ephemeral(interaction, "Only members with the Manage Server permission can change these.")
         if key is None or value is None:
             current = self._settings(interaction.guild_id)
-            shown = "\n".join(f"• `{k}` = `{current.get(k, 'profile default')}`" for k in SERVER_SETTING_NAMES)
+            shown = "\n".join(f"• `{k}` = `{'profile default' if getattr(current, k) is None else getattr(current, k)}`"
+                              for k in ChatSettings.names())
             hint = "" if key is None else f"\nGive a value to set `{key}`."
             return await self._ephemeral(interaction, f"**Server defaults**\n{shown}{hint}")
         probe = ChatSettings()
         try:
-            if key == "safety_checker":  # not a chat setting: the image decoder's safety checker, per server
-                new = _on_off(value)
-            else:
-                if key == "seed" and value.lower() not in ("default", "none", "auto"):
-                    value = str(parse_seed(value))
-                probe.set(key, value)
-                new = getattr(probe, key)
+            probe.set(key, value)  # the same parsing as the chat's /set (seeds, on/off, ranges)
         except ValueError as e:
             return await self._ephemeral(interaction, f"⚠️ {e}")
+        new = getattr(probe, key)
         await asyncio.to_thread(self.store.set_guild_setting, interaction.guild_id, key, new)
         shown = "the profile default" if new is None else f"`{new}`"
         log.info("guild %s: %s set %s=%s", interaction.guild_id, interaction.user.id, key, new)
@@ -862,65 +873,67 @@ class NextGPTBot(discord.Client):
             await self._reply_notice(message, f"⚠️ {len(attachments)} attachments; I take at most "
                                               f"{self.config.max_attachments} per message.")  # fmt: skip
             return
-        staged: list = []
-        ctx: dict[str, Any] = {}
 
-        def work(job: Job) -> TurnResult:
-            return self.engine.turn(job, ctx["session_id"], text=text, attachments=staged, settings=ctx["settings"])
-
-        try:  # a place in the queue (the per-user cap, the rate limit) before anything is fetched
-            job = self.queue.submit(message.author.id, work, label="message", hold=True)
-        except QueueRejected as e:
-            await self._reply_notice(message, f"⏳ {e}")
-            return
-        limit = self._upload_limit(guild=message.guild)
-        folder = self._tmpdir()
-        try:
+        async def prepare(folder: Path) -> Intake | None:
             for a in attachments:
                 if problem := self._precheck(a):
                     await self._reply_notice(message, problem)
-                    return
+                    return None
+            staged = []
             for a in attachments:
                 try:
                     staged.append(await self._fetch(a, folder))
                 except AttachmentRejected as e:
                     await self._reply_notice(message, str(e))
-                    return
-            thread = channel
-            if session_id is None:
+                    return None
+            thread, sid = channel, session_id
+            if sid is None:
+                if not dm and not isinstance(channel, discord.TextChannel):
+                    await self._reply_notice(message, "I can open chat threads only in text channels; use /chat in one.")
+                    return None
                 session = await asyncio.to_thread(self.engine.new_session, _clip(_one_line(text), 60) or None)
                 if not dm:
-                    if not isinstance(channel, discord.TextChannel):
-                        await self._reply_notice(message, "I can open chat threads only in text channels; use /chat in one.")
-                        return
                     try:
                         thread = await message.create_thread(name=_clip(_one_line(text), 90) or "chat", auto_archive_duration=1440)
                     except discord.Forbidden:
                         await self._reply_notice(message, "I'm not allowed to create threads here.")
-                        return
+                        return None
                 await asyncio.to_thread(
                     self.store.add_chat, session.id, thread.id, message.author.id, guild_id=message.guild and message.guild.id,
                     channel_id=None if dm else channel.id,
                 )
                 self._threads[thread.id] = session.id
-                session_id = session.id
-            await asyncio.to_thread(self.store.set_last_user, session_id, message.author.id)
-            ctx.update(session_id=session_id, settings=self._settings(message.guild and message.guild.id))
-            self.queue.release(job)
+                sid = session.id
             responder = ChannelResponder(thread, limit=limit, reference=message if thread is channel else None)
-            await self._follow(job, responder, header="", thread_id=thread.id, user_id=message.author.id)
-        finally:
-            if not job.done:
-                self.queue.cancel(job.id)
-                if not job.done:
-                    await asyncio.to_thread(_wait_quietly, job)
-            shutil.rmtree(folder, ignore_errors=True)
+            return Intake(sid, thread, responder, staged)
+
+        async def reject(content: str) -> None:
+            await self._reply_notice(message, content)
+
+        limit = self._upload_limit(guild=message.guild)
+        await self._intake(message.author.id, label="message", text=text, want=[], guild_id=message.guild and message.guild.id,
+                           overrides=None, prepare=prepare, reject=reject)
 
     async def _reply_notice(self, message: discord.Message, content: str) -> None:
         try:
             await message.reply(content, allowed_mentions=NO_MENTIONS, mention_author=False)
         except discord.HTTPException as e:
             log.warning("could not reply: %s %s", e.status, e.text)
+
+
+@dataclass
+class Intake:
+    """Where a request's turn runs and its reply goes (what a front end's `prepare` found out)."""
+
+    session_id: str
+    thread: Any
+    responder: Responder
+    attachments: list = field(default_factory=list)  # (modality, path), checked
+    header: str = ""
+
+
+def _not_prepared(job: Job):
+    raise RuntimeError("a job released before its request was prepared")
 
 
 def _wait_quietly(job: Job, timeout: float | None = None) -> None:

@@ -310,10 +310,11 @@ class FairQueue:
                 self._version += 1
                 self._cond.notify_all()
 
-    def run_job(self, job: Job) -> None:
-        """Run a job taken with `next()`; its outcome goes to `job.future` (never raised here)."""
+    def run_job(self, job: Job, step: Callable[[], Any] | None = None) -> None:
+        """Run a job taken with `next()` (or claimed); its outcome goes to `job.future` (never
+        raised here). `step`: run this instead of `job.fn(job)` (a batch runs a job's last step)."""
         try:
-            result = job.fn(job)
+            result = job.fn(job) if step is None else step()
         except BaseException as e:  # noqa: BLE001 - the worker must survive anything a job does
             job.state = "failed"
             if not isinstance(e, Exception):

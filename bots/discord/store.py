@@ -2,8 +2,9 @@
 
 - chats: which memory session a Discord thread (or DM channel) holds, who started it, whether it is
   private. A thread keeps its old sessions after /reset; the newest is the current one.
-- replies: one row per media reply, keyed by the short id in its buttons' custom_id, with the
-  info the ℹ button shows; rows of older replies in a session are marked superseded.
+- replies: one row per media reply, keyed by the short id in its buttons' custom_id: which turn
+  of which session it is (the ℹ button reads that turn from memory, where the session saved its
+  settings); rows of older replies in a session are marked superseded.
 - guild_settings: the server defaults /settings edits (ChatSettings names → values).
 
 SQLite in WAL mode through SQLAlchemy Core; every method is one short transaction and is safe to
@@ -46,7 +47,7 @@ replies = Table(
     Column("thread_id", BigInteger, nullable=False),
     Column("turn_index", Integer, nullable=False),
     Column("user_id", BigInteger, nullable=False),  # who asked for it
-    Column("info", Text, nullable=False),
+    Column("info", Text, nullable=False),  # unused ("{}"): the turn in memory holds it; kept for older files
     Column("superseded", Boolean, nullable=False, default=False),
     Column("created_at", Float, nullable=False),
 )
@@ -77,7 +78,6 @@ class ReplyRecord:
     thread_id: int
     turn_index: int
     user_id: int
-    info: dict
     superseded: bool
 
 
@@ -147,13 +147,13 @@ class Store:
             conn.execute(update(chats).where(chats.c.session_id == session_id).values(last_user_id=user_id))
 
     # ------------------------------------------------------------------ replies
-    def add_reply(self, session_id: str, thread_id: int, turn_index: int, user_id: int, info: dict) -> str:
+    def add_reply(self, session_id: str, thread_id: int, turn_index: int, user_id: int) -> str:
         key = secrets.token_hex(6)
         with self._lock, self.engine.begin() as conn:
             conn.execute(update(replies).where(replies.c.session_id == session_id).values(superseded=True))
             conn.execute(insert(replies).values(
                 key=key, session_id=session_id, thread_id=thread_id, turn_index=turn_index, user_id=user_id,
-                info=json.dumps(info, default=str), superseded=False, created_at=time.time(),
+                info="{}", superseded=False, created_at=time.time(),
             ))
         return key
 
@@ -169,7 +169,7 @@ class Store:
             return None
         m = dict(row._mapping)
         m.pop("created_at")
-        m["info"] = json.loads(m["info"])
+        m.pop("info")
         return ReplyRecord(**m)
 
     # ------------------------------------------------------------------ server settings
