@@ -108,3 +108,15 @@ def test_message_types_are_torch_free():
     assert r.returncode == 0, r.stderr[-3000:]
     src = (ROOT / "nextgpt" / "templates.py").read_text()
     assert "nextgpt.model" not in src
+
+
+def test_without_the_wing_train_is_a_one_line_error(monkeypatch, capsys):
+    """A runtime installed without the training wing's entry points: `nextgpt train` says what to do."""
+    import importlib.metadata
+
+    from bots.cli import main
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kw: ())
+    assert main(["train", "--stage", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nextgpt: error: `train` comes from the training wing") and "pip install -e ." in err
