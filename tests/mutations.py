@@ -84,6 +84,10 @@ MUTATIONS = [
     Mutation("eval-precision", "signal precision counts unasked media as right", "training/evaluate.py",
              "tp = sum(1 for c in with_media if c.asked)", "tp = len(with_media)",
              ["tests/test_evaluate.py", "-k", "scoring_and_summary or end_to_end"]),
+    Mutation("regenerate-pins", "a regenerate keeps only the seed (steps and guidance follow the current settings)",
+             "assistant/settings.py",
+             'REGENERATE_PINS = ("seed", "steps", "guidance")', 'REGENERATE_PINS = ("seed",)',
+             ["tests/test_turn_api.py", "-k", "none_means"]),
     Mutation("ci-skips", "a skip in CI no longer fails", "tests/conftest.py",
              'report.outcome = "failed"', "pass", ["tests/test_ci_skips.py"]),
 ]
