@@ -193,6 +193,56 @@ def _llama_cpp_tok_s(llm, prompt: list[int], tokens: int) -> float:
     return (tokens - 1) / elapsed
 
 
+def _chat_first_reply(settings, profile_name: str, backend: str, starts: int = 2) -> list[dict]:
+    """`nextgpt chat` started `starts` times in a row (stdin piped: one message): per start, seconds from
+    launching the process to the first reply text on stdout (the first bytes after the banner), and what
+    it wrote on stderr (warnings, progress bars, the one 'preparing' line of a first start)."""
+    import yaml
+
+    raw = yaml.safe_load(Path(settings.source).read_text())
+    base = Path(settings.source).parent
+
+    def fix(v):
+        return str((base / v).resolve()) if isinstance(v, str) and v.startswith(("./", "../")) else v
+
+    for p in raw["profiles"].values():
+        for section in ("llm", "encoder"):
+            if section in p:
+                p[section]["source"] = fix(p[section]["source"])
+        if "checkpoint" in p:
+            p["checkpoint"] = fix(p["checkpoint"])
+        for d in p.get("decoders", {}).values():
+            d["source"] = fix(d["source"])
+    raw["profiles"][profile_name]["llm"]["backend"] = backend
+    raw["cache_dir"] = str(settings.cache_path)
+    raw["threads"] = int(os.environ.get("NEXTGPT_THREADS", "2"))
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        config = Path(d) / "config.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        env = {k: v for k, v in os.environ.items() if k != "NEXTGPT_CACHE"} | {"NEXTGPT_DATA": str(Path(d) / "data")}
+        exe = Path(sys.executable).with_name("nextgpt")
+        for _ in range(starts):
+            t = time.perf_counter()
+            p = subprocess.Popen([str(exe), "--config", str(config), "chat", "--profile", profile_name], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=d)  # fmt: skip
+            p.stdin.write(b"Tell me about circles.\n")
+            p.stdin.flush()
+            seen, first = b"", None
+            while first is None:
+                chunk = p.stdout.read1(4096)
+                if not chunk:
+                    break
+                seen += chunk
+                if b"Ctrl-D exits" in seen and seen.split(b"Ctrl-D exits", 1)[1].strip():
+                    first = time.perf_counter() - t
+            p.stdin.close()
+            p.kill()
+            p.wait()
+            out.append({"first_reply_s": first, "stderr": p.stderr.read().decode(errors="replace").strip()})
+    return out
+
+
 def bench_llama(settings, profile_name: str, tokens: int, rounds: int, turns: int) -> dict:
     """The llama.cpp backend (llm.backend: llama_cpp) on the profile: decode tok/s vs raw llama.cpp on the
     same GGUF and vs the fp32 transformers path (medians of alternating rounds, token loops only),
@@ -277,6 +327,17 @@ def bench_llama(settings, profile_name: str, tokens: int, rounds: int, turns: in
         result["turn_text_to_image_s"] = statistics.median(times)
         result["turn_media"] = made
     result["turns"] = bench_turns(fast, turns, new_tokens=8, repeat=1)
+    del fast, raw
+    # raw llama.cpp on the profile's own (block-quantised) GGUF: what F16 layer matrices cost
+    from nextgpt.llama_backend import source_gguf
+
+    src = Llama(model_path=str(source_gguf(fast_profile, settings.cache_path)), n_threads=torch.get_num_threads(), n_ctx=512, verbose=False)
+    result["llama_cpp_source_gguf_tok_s"] = statistics.median(_llama_cpp_tok_s(src, prompt, tokens) for _ in range(3))
+    del src
+    # cold start: `nextgpt chat` on the backend, a first start (prepares if needed) and a later one
+    starts = _chat_first_reply(settings, profile_name, "llama_cpp")
+    result["chat_first_reply_s"] = [s["first_reply_s"] for s in starts]
+    result["chat_stderr"] = [s["stderr"] for s in starts]
     return result
 
 
@@ -433,6 +494,10 @@ def main(argv=None) -> int:
         table.add_row("  'draw a red circle' turn, end to end", f"{q['turn_text_to_image_s']:.2f} s", "≤ 1.0 s")
         tq = q["turns"]
         table.add_row(f"  turn {tq['turns']} ÷ turn 1, with KV cache", f"{tq['ratio_cached']:.2f}", "≤ 1.15")
+        table.add_row("  raw llama.cpp on the profile's own GGUF, tok/s", f"{q['llama_cpp_source_gguf_tok_s']:.0f}", "")
+        first = q["chat_first_reply_s"]
+        table.add_row("  `nextgpt chat` start → first reply text (later start)", f"{first[-1]:.2f} s" if first[-1] else "none", "≤ 3 s")
+        table.add_row("  chat stderr, later start", repr(q["chat_stderr"][-1][:80]) or "''", "empty")
     elif "llama" in only:
         table.add_row("llama.cpp backend", r["llama"]["skipped"], "")
     Console().print(table)

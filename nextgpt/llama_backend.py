@@ -1,9 +1,9 @@
 """The llama.cpp LLM backend (`llm.backend: llama_cpp`): the same NExT-GPT turn, decoded by llama.cpp.
 
     first use:  the profile's GGUF + our checkpoint ──► cache_dir/llama_cpp/<name>-<key>/
-                    model.gguf         the GGUF with the 38 new tokens appended (token_embd, output) and
-                                       the LoRA merged into attn_q/k/v/o (those written in F32);
-                                       every other tensor is copied byte for byte
+                    model.gguf         the GGUF with the 38 new tokens appended (token_embd, output), the
+                                       LoRA merged into attn_q/k/v/o and every layer matrix in F16 (the
+                                       source's values; see `_encode_tensor`); norms copied byte for byte
                     parts.safetensors  fp32 input embeddings (base rows + new rows), the 38 new lm_head
                                        rows, the input projection and the output projectors
                     tokenizer/         the tokenizer with the 38 tokens
@@ -11,10 +11,11 @@
                 each generated token ──► logits + last-layer hidden state (embeddings, pooling none)
                 hidden state + the token's fp32 input embedding ──► output projector (as transformers)
 
-The reference stays `NextGPT.generate` on transformers: the merged LLM is loaded there once to build
-the GGUF (so the new rows, untying and LoRA merge are exactly what that path does), and this module's
-`generate` follows it step for step: forced signal groups, `want`, stop strings, the repetition
-guard, seeds (the same torch sampler), streaming and prefix reuse of llama.cpp's own KV cache.
+The reference stays the transformers path: the merged LLM is loaded there once to build the GGUF (so
+the new rows, untying and LoRA merge are exactly what that path does). `NextGPT.generate`'s one loop
+(forced signal groups, `want`, stop strings, the repetition guard, seeds, streaming, projection) runs
+on this backend too: this module supplies its LLM steps (`_prefill`, `_feed`, `_cut`, `_full`,
+`_finish`) on llama.cpp, with prefix reuse of llama.cpp's own KV cache.
 
 Faithfulness: every position is fed as an fp32 embedding (a token's row of our own matrix, as the
 transformers path feeds `inputs_embeds`), so the new tokens' input rows are never quantised; the 38
@@ -30,19 +31,17 @@ import ctypes
 import hashlib
 import json
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
 from nextgpt.config import Profile
-from nextgpt.model import NextGPT, Reply, Signal, repeating_tail
+from nextgpt.model import NextGPT, Run
 from nextgpt.tokens import MODALITIES, NEW_TOKENS
 
-BUILD_VERSION = 2  # bump when the files written by `_build` change
+BUILD_VERSION = 3  # bump when the files written by `_build` change
 MODEL_FILE, PARTS_FILE, TOKENIZER_DIR, META_FILE = "model.gguf", "parts.safetensors", "tokenizer", "meta.json"
 MAX_CONTEXT = 4096  # llama.cpp context (KV cache) positions; the model's own limit when smaller
 
@@ -156,25 +155,32 @@ def _permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.nda
 
 
 def _encode_tensor(src, target: np.ndarray) -> tuple[np.ndarray, object, str]:
-    """(data, type, how) for one GGUF tensor given the reference model's fp32 values: the source
+    """(data, type, how) for one GGUF tensor given the reference model's fp32 values.
+
+    The layers' matrices (`blk.*`, 2-D) are written in F16, whatever the source type: llama.cpp multiplies
+    a block-quantised matrix (Q4_1, Q8_0, ...) with activations quantised to 8 bits in blocks of 32, and
+    on the small profile that alone moved the signal states by ~3 % (simulated on the transformers path:
+    the same 3 %) — which the image projector turns into cosine 0.88-0.92 vs fp32 on some prompts.
+    An F16 matrix is multiplied with F16 activations: states within 0.1 %, projector cosine 1.000, and
+    F16 (2 bytes a weight) holds the dequantised Q4_1 values to 11 bits. Other tensors: the source
     bytes when nothing changed; source bytes + new rows when only rows were appended (the vocabulary:
-    block quantisation works row by row); else written in F32 (F16 stays F16)."""
+    block quantisation works row by row; these feed only the logits); else rewritten (F32)."""
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize, quantize
 
     qtype = src.tensor_type
+    if src.name.startswith("blk.") and target.ndim == 2:
+        return quantize(np.ascontiguousarray(target), Q.F16), Q.F16, "copied" if qtype == Q.F16 and np.array_equal(
+            dequantize(src.data, qtype).reshape(target.shape), target) else "F16"
     old = dequantize(src.data, qtype).reshape(-1, *target.shape[1:]) if target.ndim > 1 else dequantize(src.data, qtype).reshape(-1)
     if old.shape == target.shape and np.array_equal(old, target):
         return src.data, qtype, "copied"
     if target.ndim == 2 and old.shape[1:] == target.shape[1:] and target.shape[0] > old.shape[0] and np.array_equal(old, target[: old.shape[0]]):
         new = quantize(np.ascontiguousarray(target[old.shape[0]:]), qtype)
         return np.concatenate([np.asarray(src.data).reshape(old.shape[0], -1), new.reshape(target.shape[0] - old.shape[0], -1)]), qtype, "rows added"
-    if qtype in (Q.F32, Q.F16):
+    if qtype == Q.F16:
         return quantize(target, qtype), qtype, "rewritten"
-    # F32: re-quantising the LoRA-merged attention to Q8_0 moved the signal states enough (cosine 0.998)
-    # for the small profile's refitted projectors to turn it into audio outputs at cosine 0.08 vs fp32
-    to = Q.F32
-    return quantize(np.ascontiguousarray(target), to), to, "rewritten"
+    return quantize(np.ascontiguousarray(target), Q.F32), Q.F32, "rewritten"
 
 
 def write_gguf(src: Path, llm, dst: Path) -> dict:
@@ -218,7 +224,7 @@ def write_gguf(src: Path, llm, dst: Path) -> dict:
         sub = f.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(f.name, extended.get(f.name, f.contents()), kind, sub_type=sub)
 
-    report = {"copied": 0, "rows added": 0, "rewritten": 0}
+    report = {"copied": 0, "rows added": 0, "rewritten": 0, "F16": 0}
     names = {t.name for t in reader.tensors}
     for t in reader.tensors:
         if t.name not in hf_name:  # e.g. rope_freqs: not a model parameter
@@ -271,7 +277,7 @@ def import_llama_cpp():
 class LlamaContext:
     """One llama.cpp model + context (sequence 0) fed embeddings; remembers what its KV cache holds."""
 
-    def __init__(self, gguf: Path, *, n_threads: int, n_ctx: int = MAX_CONTEXT, n_batch: int = 512):
+    def __init__(self, gguf: Path, *, n_threads: int, n_ctx: int = MAX_CONTEXT, n_batch: int = 512, kv_unified: bool = False):
         lib = self.lib = import_llama_cpp()
         _silence()
         lib.llama_backend_init()
@@ -281,12 +287,14 @@ class LlamaContext:
             raise BackendError(f"llama.cpp could not load {gguf}")
         self.n_embd = lib.llama_model_n_embd(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
-        self.n_ctx = min(n_ctx, lib.llama_model_n_ctx_train(self.model))
+        n_ctx = min(n_ctx, lib.llama_model_n_ctx_train(self.model))  # positions per sequence
         cparams = lib.llama_context_default_params()
-        cparams.n_ctx = self.n_ctx
-        cparams.n_batch = cparams.n_ubatch = self.n_batch = min(n_batch, self.n_ctx)
         cparams.n_seq_max = 2  # 0: the cached conversation; 1: scratch for calls without a PromptCache
-        cparams.kv_unified = True
+        # one KV buffer per sequence: in a unified buffer the scratch sequence's cells, freed after each
+        # uncached call, sat between the conversation's, and every later token attended over both
+        cparams.kv_unified = kv_unified
+        cparams.n_ctx = n_ctx if kv_unified else 2 * n_ctx
+        cparams.n_batch = cparams.n_ubatch = self.n_batch = min(n_batch, n_ctx)
         cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.embeddings = True
         cparams.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
@@ -294,6 +302,7 @@ class LlamaContext:
         self.ctx = lib.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             raise BackendError(f"llama.cpp could not create a context for {gguf}")
+        self.n_ctx = lib.llama_n_ctx_seq(self.ctx)
         self.memory = lib.llama_get_memory(self.ctx)
         self.batch = lib.llama_batch_init(self.n_batch, self.n_embd, 1)
         self.embd = np.ctypeslib.as_array(self.batch.embd, shape=(self.n_batch, self.n_embd))
@@ -423,41 +432,13 @@ class LlamaCppNextGPT(NextGPT):
         model.embed_rows = parts["embed"].numpy()
         return model
 
-    @torch.inference_mode()
-    def generate(
-        self,
-        messages,
-        *,
-        want: Iterable[str] = (),
-        max_new_tokens: int = 246,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        allow_media: bool = True,
-        on_text: Callable[[str], None] | None = None,
-        cache=None,
-        stop: Iterable[str] = (),
-    ) -> Reply:
-        """`NextGPT.generate`'s contract on llama.cpp. `cache` (a PromptCache) turns on prefix reuse:
-        llama.cpp's KV cache keeps its longest prefix shared with this prompt; without it the prompt
-        is decoded from scratch, as the transformers path does. `stop`: more strings that end the reply."""
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        want = [m for m in dict.fromkeys(want)]
-        for m in want:
-            if m not in MODALITIES:
-                raise ValueError(f"unknown modality {m!r}; expected one of {', '.join(MODALITIES)}")
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        warpers = self._warpers(temperature, top_p, top_k)
-        eos = self.tokenizer.eos_token_id
+    # NextGPT.generate's loop (sampling, forced signal groups, `want`, stop strings, the repetition guard,
+    # streaming, projection) runs as it is; these are its LLM steps on llama.cpp. With a PromptCache,
+    # llama.cpp's KV cache (sequence 0) keeps its longest prefix shared with the prompt; without one the
+    # prompt is decoded from scratch in sequence 1, as the transformers path does, and freed afterwards.
+    def _prefill(self, inputs: torch.Tensor, keys: list, cache) -> tuple[torch.Tensor, Run]:
         ctx = self.context
-        stops = self.stop_strings + [s for s in stop if s and s not in self.stop_strings]
-
-        inputs, keys = self.build_inputs(messages)
         rows = inputs[0].float().numpy()
-        timings["encode"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
         reused = 0
         ctx.use(0 if cache is not None else 1)  # an uncached call leaves the cached conversation alone
         if cache is not None:
@@ -470,103 +451,27 @@ class LlamaCppNextGPT(NextGPT):
         if len(keys) - reused > 1:
             ctx.prefill(rows[reused:-1], keys[reused:-1])
         logits, hidden = ctx.step(rows[-1], keys[-1])  # the last position with its hidden state: exact new-token logits
-        logits = self._exact_new_logits(logits, hidden)
-        timings["prefill"] = time.perf_counter() - t1
-        timings["prefill_tokens"] = len(keys) - reused
-        timings["prompt_tokens"] = len(keys)
-        t2 = time.perf_counter()
+        return torch.from_numpy(self._exact_new_logits(logits, hidden)), Run(reused)
 
-        n_prompt = len(keys)
-        ids: list[int] = []
-        states: list[np.ndarray] = []  # per generated token: last hidden state + its input embedding
-        forced: list[int] = []
-        emitted: list[tuple[str, int]] = []
-        streamed, finish, ending = 0, "length", False
-        longest_stop = max((len(s) for s in stops), default=1)
-        searched = 0  # text before this index holds no stop string
-        while True:
-            if ending and not forced:
-                break
-            if forced:
-                next_id = forced.pop(0)
-            else:
-                if len(ids) >= max_new_tokens or len(ctx.keys) >= ctx.n_ctx:
-                    finish, next_id = "length", None
-                else:
-                    next_id = self._sample(ids, torch.from_numpy(logits), warpers, generator, allow_media)
-                    if next_id == eos:
-                        finish, next_id = "eos", None
-                if next_id is None:
-                    missing = [m for m in want if m not in {e[0] for e in emitted}]
-                    if not missing:
-                        break
-                    next_id = self.signal_ids[missing[0]][0]
-                if next_id in self.first_signal:
-                    modality = self.first_signal[next_id]
-                    emitted.append((modality, len(ids)))
-                    forced = list(self.signal_ids[modality][1:])
-            if len(ctx.keys) >= ctx.n_ctx:
-                raise BackendError(f"the reply ran past llama.cpp's context of {ctx.n_ctx} positions")
-            row = self.embed_rows[next_id]
-            logits, hidden = ctx.step(row, next_id)
-            logits = self._exact_new_logits(logits, hidden)
-            ids.append(next_id)
-            states.append(hidden + row)
-            if not forced and next_id not in self.all_signal_ids and (loop := repeating_tail(ids)):
-                keep = len(ids) - loop
-                ctx.keep(n_prompt + keep)
-                del ids[keep:], states[keep:]
-                emitted = [e for e in emitted if e[1] < keep]
-                finish, ending = "repetition", True
-                missing = [m for m in want if m not in {e[0] for e in emitted}]
-                if not missing:
-                    break
-                forced = []
-                for m in missing:
-                    emitted.append((m, len(ids) + len(forced)))
-                    forced += self.signal_ids[m]
-                continue
-            if not forced and next_id not in self.all_signal_ids:
-                text = self._text(ids)
-                hits = [i for s in stops if (i := text.find(s, searched)) >= 0]
-                searched = max(0, len(text) - longest_stop - 4)  # a multi-byte character may still change the tail
-                if hits:
-                    keep = self._tokens_before(ids, min(hits))
-                    ctx.keep(n_prompt + keep)
-                    del ids[keep:], states[keep:]
-                    emitted = [e for e in emitted if e[1] < keep]
-                    finish = "stop"
-                    missing = [m for m in want if m not in {e[0] for e in emitted}]
-                    if not missing:
-                        break
-                    emitted.append((missing[0], len(ids)))
-                    forced = list(self.signal_ids[missing[0]])
-                    continue
-                if on_text is not None:
-                    safe = len(text) - longest_stop + 1
-                    if safe > streamed and not text[:safe].endswith("\ufffd"):
-                        on_text(text[streamed:safe])
-                        streamed = safe
-        timings["decode"] = time.perf_counter() - t2
-        timings["decode_tokens"] = len(ids)
+    def _feed(self, run: Run, token: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = self.context
+        if len(ctx.keys) >= ctx.n_ctx:
+            raise BackendError(f"the reply ran past llama.cpp's context of {ctx.n_ctx} positions")
+        row = self.embed_rows[token]
+        logits, hidden = ctx.step(row, token)
+        return torch.from_numpy(self._exact_new_logits(logits, hidden)), torch.from_numpy(hidden + row)
 
-        t3 = time.perf_counter()
-        signals = []
-        for modality, start in emitted:
-            n = MODALITIES[modality].num_tokens
-            group = torch.from_numpy(np.stack(states[start : start + n]))[None]
-            projector = self.output_projectors[modality]
-            signals.append(Signal(modality, projector(group.to(projector.fc.weight.dtype)), start))
-        timings["project"] = time.perf_counter() - t3
-        text = self._text(ids).strip()
-        if on_text is not None and len(text) > streamed:
-            on_text(self._text(ids)[streamed:].rstrip())
-        trace = self.tokenizer.decode(ids, skip_special_tokens=False)
+    def _cut(self, run: Run, length: int) -> None:
+        self.context.keep(length)
+
+    def _full(self, run: Run) -> bool:
+        return len(self.context.keys) >= self.context.n_ctx
+
+    def _finish(self, run: Run, cache, keys: list) -> None:
         if cache is not None:  # llama.cpp's KV cache holds the prompt and every token fed since
-            cache.store(None, keys + ids)
-        else:  # free the scratch sequence: its cells would lengthen every later attention
-            ctx.keep(0)
-        return Reply(text=text, trace=trace, signals=signals, token_ids=ids, finish_reason=finish, timings=timings)
+            cache.store(None, keys)
+        else:  # free the scratch sequence
+            self.context.keep(0)
 
     def _exact_new_logits(self, logits: np.ndarray, hidden: np.ndarray) -> np.ndarray:
         """The 38 new tokens' logits in fp32 from the hidden state (the GGUF holds their rows quantised)."""

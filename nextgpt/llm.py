@@ -13,12 +13,34 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from nextgpt.config import LLMConfig
 from nextgpt.tokens import NEW_TOKENS
+
+if TYPE_CHECKING:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+_LAZY = ("AutoModelForCausalLM", "AutoTokenizer", "PreTrainedModel", "PreTrainedTokenizerBase")
+
+
+def __getattr__(name: str):
+    """transformers' model classes, imported on first use: importing them costs ~2 s of a start, and the
+    llama.cpp backend (nextgpt/llama_backend.py) never builds a transformers model. (Module attributes,
+    so a test can still monkeypatch `nextgpt.llm.AutoModelForCausalLM`.)"""
+    if name in _LAZY:
+        import transformers
+
+        globals()[name] = value = getattr(transformers, name)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _hf(name: str):
+    return globals()[name] if name in globals() else __getattr__(name)
+
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +200,7 @@ def dequantised_copy_path(gguf: Path, cache_dir: Path) -> Path:
 def _dequantised_copy(path: str, gguf_file: str, cache_dir: Path, dtype: torch.dtype):
     """GGUF weights are dequantised on every load (~20 s for 135 M params); keep a safetensors copy
     in the cache dir, keyed by the file's size and mtime, and load that instead (~0.2 s)."""
+    AutoModelForCausalLM, AutoTokenizer = _hf("AutoModelForCausalLM"), _hf("AutoTokenizer")  # noqa: N806
     gguf = Path(path) / gguf_file
     copy = dequantised_copy_path(gguf, cache_dir)
     if not (copy / "config.json").is_file():
@@ -210,6 +233,7 @@ def add_nextgpt_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def load_llm(cfg: LLMConfig, cache_dir: Path, device: torch.device, dtype: torch.dtype) -> LoadedLLM:
+    AutoModelForCausalLM, AutoTokenizer = _hf("AutoModelForCausalLM"), _hf("AutoTokenizer")  # noqa: N806
     path, gguf_file = resolve_source(cfg, cache_dir)
     kwargs = {"revision": cfg.revision} if cfg.revision else {}
     if gguf_file:

@@ -93,6 +93,15 @@ def signal_forward(llm, input_proj, input_ids: torch.Tensor | None = None, *, in
 
 
 @dataclass
+class Run:
+    """One reply's LLM state inside `NextGPT.generate`: how many prompt positions came from the cache,
+    and the backend's handle (the transformers key/value cache; llama.cpp keeps its own)."""
+
+    reused: int
+    kv: object = None
+
+
+@dataclass
 class Reply:
     text: str  # what the user reads: the signal tokens removed
     trace: str  # the raw generated text, signal tokens included (what the context keeps)
@@ -354,27 +363,28 @@ class NextGPT(nn.Module):
         inputs, keys = self.build_inputs(messages)
         timings["encode"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        kv, reused = (cache.reuse(keys) if cache is not None else (KVCache(), 0))
-        out = self(inputs_embeds=inputs[:, reused:], past_key_values=kv, use_cache=True)
+        logits, run = self._prefill(inputs, keys, cache)
         timings["prefill"] = time.perf_counter() - t1
-        timings["prefill_tokens"] = inputs.shape[1] - reused
-        timings["prompt_tokens"] = inputs.shape[1]
+        timings["prefill_tokens"] = len(keys) - run.reused
+        timings["prompt_tokens"] = len(keys)
         t2 = time.perf_counter()
 
+        n_prompt = len(keys)
         ids: list[int] = []
         states: list[torch.Tensor] = []  # per generated token: last hidden state + its input embedding
         forced: list[int] = []
         emitted: list[tuple[str, int]] = []  # (modality, index of its first signal token)
         streamed, finish = 0, "length"
-        logits = out.logits[0, -1]
         ending = False  # the reply is over once the forced tokens are fed
+        longest_stop = max((len(s) for s in stops), default=1)
+        searched = 0  # the reply's text before this index holds no stop string
         while True:
             if ending and not forced:
                 break
             if forced:
                 next_id = forced.pop(0)
             else:
-                if len(ids) >= max_new_tokens:
+                if len(ids) >= max_new_tokens or self._full(run):
                     finish = "length"
                     next_id = None
                 else:
@@ -390,15 +400,14 @@ class NextGPT(nn.Module):
                     modality = self.first_signal[next_id]
                     emitted.append((modality, len(ids)))
                     forced = list(self.signal_ids[modality][1:])
-            out = self(torch.tensor([[next_id]], device=self.device), past_key_values=kv, use_cache=True, all_states=True)
+            logits, state = self._feed(run, next_id)
             ids.append(next_id)
-            states.append(out.all_states[0, -1])
-            logits = out.logits[0, -1]
+            states.append(state)
             if not forced and next_id not in self.all_signal_ids and (loop := repeating_tail(ids)):
                 # a reply that loops ("fivefivefive…") stops now instead of running to the token limit:
                 # one copy of the repeated piece is kept, the rest is cut off the tokens and the cache
                 keep = len(ids) - loop
-                crop_to(kv, inputs.shape[1] + keep)
+                self._cut(run, n_prompt + keep)
                 del ids[keep:], states[keep:]
                 emitted = [e for e in emitted if e[1] < keep]
                 finish, ending = "repetition", True
@@ -412,27 +421,28 @@ class NextGPT(nn.Module):
                 continue
             if not forced and next_id not in self.all_signal_ids:
                 text = self._text(ids)
-                stop_at = self._stop_index(text, stops)
+                stop_at = self._stop_index(text, stops, searched)
+                searched = max(0, len(text) - longest_stop - 4)  # a multi-byte character may still change the tail
                 if stop_at is not None:
                     # cut the stop string off the tokens and the cache; wanted media may still follow
                     keep = self._tokens_before(ids, stop_at)
-                    crop_to(kv, inputs.shape[1] + keep)
+                    self._cut(run, n_prompt + keep)
                     del ids[keep:], states[keep:]
                     emitted = [e for e in emitted if e[1] < keep]
                     finish = "stop"
                     missing = [m for m in want if m not in {e[0] for e in emitted}]
                     if not missing:
                         break
-                    first = self.signal_ids[missing[0]][0]
                     emitted.append((missing[0], len(ids)))
-                    forced = [first] + list(self.signal_ids[missing[0]][1:])
+                    forced = list(self.signal_ids[missing[0]])
                     continue
                 if on_text is not None:
-                    safe = len(text) - max((len(s) for s in stops), default=1) + 1
+                    safe = len(text) - longest_stop + 1
                     if safe > streamed and not text[:safe].endswith("\ufffd"):  # no half UTF-8 characters
                         on_text(text[streamed:safe])
                         streamed = safe
         timings["decode"] = time.perf_counter() - t2
+        timings["decode_tokens"] = len(ids)
 
         t3 = time.perf_counter()
         signals = []
@@ -446,9 +456,34 @@ class NextGPT(nn.Module):
         if on_text is not None and len(text) > streamed:
             on_text(self._text(ids)[streamed:].rstrip())
         trace = self.tokenizer.decode(ids, skip_special_tokens=False)
-        if cache is not None:  # the cache now holds the prompt and every token fed since
-            cache.store(kv, keys + ids)
+        self._finish(run, cache, keys + ids)
         return Reply(text=text, trace=trace, signals=signals, token_ids=ids, finish_reason=finish, timings=timings)
+
+    # ------------------------------------------------------------------ the LLM steps generate runs
+    # (transformers here; nextgpt/llama_backend.py overrides these four and shares the loop above)
+    def _prefill(self, inputs: torch.Tensor, keys: list, cache: PromptCache | None) -> tuple[torch.Tensor, "Run"]:
+        """Feed the prompt (only what `cache` does not already hold): the next token's logits, and the
+        state of this reply's run."""
+        kv, reused = (cache.reuse(keys) if cache is not None else (KVCache(), 0))
+        out = self(inputs_embeds=inputs[:, reused:], past_key_values=kv, use_cache=True)
+        return out.logits[0, -1], Run(reused, kv)
+
+    def _feed(self, run: "Run", token: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one token: (the next token's logits, its signal state: last hidden state + input embedding)."""
+        out = self(torch.tensor([[token]], device=self.device), past_key_values=run.kv, use_cache=True, all_states=True)
+        return out.logits[0, -1], out.all_states[0, -1]
+
+    def _cut(self, run: "Run", length: int) -> None:
+        """Keep the first `length` positions (prompt + reply tokens) of what was fed."""
+        crop_to(run.kv, length)
+
+    def _full(self, run: "Run") -> bool:
+        """No room for another position (llama.cpp's context); transformers has none of its own."""
+        return False
+
+    def _finish(self, run: "Run", cache: PromptCache | None, keys: list) -> None:
+        if cache is not None:  # the cache now holds the prompt and every token fed since
+            cache.store(run.kv, keys)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -481,8 +516,9 @@ class NextGPT(nn.Module):
         """The user-visible text: signal tokens removed."""
         return self.tokenizer.decode([i for i in ids if i not in self.all_signal_ids], skip_special_tokens=True)
 
-    def _stop_index(self, text: str, stops: list[str]) -> int | None:
-        hits = [text.find(s) for s in stops if s in text]
+    def _stop_index(self, text: str, stops: list[str], start: int = 0) -> int | None:
+        """Where the first stop string begins in `text` (none begins before `start`), else None."""
+        hits = [i for s in stops if (i := text.find(s, start)) >= 0]
         return min(hits) if hits else None
 
     def _tokens_before(self, ids: list[int], char_index: int) -> int:

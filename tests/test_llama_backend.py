@@ -150,11 +150,17 @@ def test_gguf_build_keeps_base_tensors_and_adds_tokens(tiny_gguf_models):
     _, _, profile, cache = tiny_gguf_models
     folder = build_dir(profile, cache)
     meta = json.loads((folder / "meta.json").read_text())
-    # norms and MLP copied byte for byte; q/k/v/o rewritten (LoRA merged); token_embd extended; output untied
-    assert meta["rewritten"] == 8 and meta["rows added"] == 1 and meta["untied output.weight"] == "rows added"
+    # the layers' matrices in F16 (q/k/v/o with the LoRA merged, the MLP the source's values); norms copied
+    # byte for byte; token_embd extended (source rows kept); output untied
+    assert meta["F16"] == 2 * 7 and meta["rewritten"] == 0 and meta["rows added"] == 1 and meta["untied output.weight"] == "rows added"
     src = {t.name: t for t in gguf.GGUFReader(profile.llm.source).tensors}
     out = {t.name: t for t in gguf.GGUFReader(folder / MODEL_FILE).tensors}
-    assert np.array_equal(out["blk.0.ffn_down.weight"].data, src["blk.0.ffn_down.weight"].data)
+    assert out["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    from gguf.quants import dequantize
+
+    source_values = dequantize(src["blk.0.ffn_down.weight"].data, src["blk.0.ffn_down.weight"].tensor_type)
+    assert np.array_equal(out["blk.0.ffn_down.weight"].data, source_values.astype(np.float16))
+    assert np.array_equal(out["blk.0.attn_norm.weight"].data, src["blk.0.attn_norm.weight"].data)
     assert np.array_equal(out["token_embd.weight"].data[: src["token_embd.weight"].data.shape[0]], src["token_embd.weight"].data)
     assert out["output.weight"].data.shape[0] == src["token_embd.weight"].data.shape[0] + len(NEW_TOKENS)
     reader = gguf.GGUFReader(folder / MODEL_FILE)
