@@ -165,13 +165,37 @@ def import_imagebind_model() -> types.ModuleType:
 # Loading weights
 
 
+@contextlib.contextmanager
+def _no_init_on_meta():
+    """torch.nn.init's functions (also where imported by name: nn.MultiheadAttention's module, the
+    trunc_normal_ ImageBind takes from timm) skip meta tensors: their meta kernels run through
+    torch._refs, whose first call imports torch._dynamo (~1 s of every start, for values the
+    checkpoint replaces). Real tensors, e.g. in another thread, are still initialised."""
+    import torch.nn.modules.activation
+
+    def skip(fn):
+        return lambda tensor, *a, **k: tensor if getattr(tensor, "is_meta", False) else fn(tensor, *a, **k)
+
+    owners = [torch.nn.init, torch.nn.modules.activation]
+    owners += [m for m in (sys.modules.get(f"imagebind.models.{n}") for n in ("multimodal_preprocessors", "transformer")) if m]
+    saved = [(o, n, f) for o in owners for n, f in vars(o).items()
+             if n.endswith("_") and not n.startswith("_") and callable(f) and "init" in n + getattr(f, "__module__", "")]
+    try:
+        for owner, name, fn in saved:
+            setattr(owner, name, skip(fn))
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
 def _build(arch: dict, *, meta: bool = False) -> torch.nn.Module:
     ib = import_imagebind_model()
     try:
         if meta:  # parameters on the meta device (no memory, no real init): the checkpoint's are assigned
             from accelerate import init_empty_weights
 
-            with init_empty_weights():
+            with init_empty_weights(), _no_init_on_meta():
                 return ib.ImageBindModel(**arch)
         return ib.ImageBindModel(**arch)
     except TypeError as e:
