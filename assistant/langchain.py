@@ -47,6 +47,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import ConfigDict, Field, model_validator
 
 from assistant.agent import Assistant, Cancelled, TimedOut
+from nextgpt.messages import MediaInput, Message
 
 MEDIA_TYPES = ("image", "audio", "video")
 CALL_OPTIONS = {"want", "seed", "temperature", "max_tokens", "top_p", "steps", "guidance", "timeout", "model"}
@@ -82,7 +83,6 @@ def _media_type(block: dict) -> str | None:
 def to_messages(message: BaseMessage, media_dir: Path) -> list:
     """A LangChain message → our Message(s) (usually one; see the module doc for the order)."""
     from nextgpt.media import validate_attachment
-    from nextgpt.model import MediaInput, Message
 
     role = {"human": "user", "ai": "assistant", "system": "system"}.get(message.type)
     if role is None:

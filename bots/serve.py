@@ -44,6 +44,8 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from nextgpt.messages import MediaInput, Message
+
 log = logging.getLogger("nextgpt.serve")
 
 KEYS_ENV = "NEXTGPT_API_KEYS"
@@ -323,7 +325,6 @@ class Backend:
         """Run on the worker thread: one reply, stateless or in a memory session."""
         from assistant.agent import StopFilter, first_stop
         from assistant.session import ChatSettings
-        from nextgpt.model import MediaInput, Message
 
         with self.assistant.lock:
             if session is None:
@@ -605,7 +606,6 @@ def create_app(backend: Backend, *, keys: list[str], allow_file_urls: bool) -> F
         base = base_url(request)
 
         def fn(on_text, cancel):
-            from nextgpt.model import Message
 
             out = []
             with backend.assistant.lock:
