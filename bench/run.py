@@ -193,6 +193,25 @@ def _llama_cpp_tok_s(llm, prompt: list[int], tokens: int) -> float:
     return (tokens - 1) / elapsed
 
 
+def _llama_cpp_growth(model_path: str, threads: int, at: tuple[int, ...] = (60, 950), tokens: int = 16) -> dict:
+    """Raw llama.cpp's own decode time per token after `at` positions (same GGUF): the attention over a
+    longer history that turn N ÷ turn 1 cannot go below."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=model_path, n_threads=threads, n_ctx=2048, verbose=False, flash_attn=True)
+    ids = llm.tokenize(b"Tell me one short fact about the number one. " * 150)[: max(at) + tokens]
+    out = {}
+    for n in at:
+        llm.reset()
+        llm.eval(ids[:n])
+        t = time.perf_counter()
+        for i in range(tokens):
+            llm.eval([ids[n + i]])
+        out[n] = (time.perf_counter() - t) / tokens
+    del llm
+    return {"ms_per_token": {n: v * 1000 for n, v in out.items()}, "ratio": out[max(at)] / out[min(at)]}
+
+
 def _chat_first_reply(settings, profile_name: str, backend: str, starts: int = 2) -> list[dict]:
     """`nextgpt chat` started `starts` times in a row (stdin piped: one message): per start, seconds from
     launching the process to the first reply text on stdout (the first bytes after the banner), and what
@@ -334,6 +353,7 @@ def bench_llama(settings, profile_name: str, tokens: int, rounds: int, turns: in
     src = Llama(model_path=str(source_gguf(fast_profile, settings.cache_path)), n_threads=torch.get_num_threads(), n_ctx=512, verbose=False)
     result["llama_cpp_source_gguf_tok_s"] = statistics.median(_llama_cpp_tok_s(src, prompt, tokens) for _ in range(3))
     del src
+    result["llama_cpp_decode_growth"] = _llama_cpp_growth(str(build_dir(fast_profile, settings.cache_path) / MODEL_FILE), torch.get_num_threads())
     # cold start: `nextgpt chat` on the backend, a first start (prepares if needed) and a later one
     starts = _chat_first_reply(settings, profile_name, "llama_cpp")
     result["chat_first_reply_s"] = [s["first_reply_s"] for s in starts]
@@ -494,6 +514,9 @@ def main(argv=None) -> int:
         table.add_row("  'draw a red circle' turn, end to end", f"{q['turn_text_to_image_s']:.2f} s", "≤ 1.0 s")
         tq = q["turns"]
         table.add_row(f"  turn {tq['turns']} ÷ turn 1, with KV cache", f"{tq['ratio_cached']:.2f}", "≤ 1.15")
+        g = q["llama_cpp_decode_growth"]
+        table.add_row("    raw llama.cpp alone: ms/token after 60 ÷ after 950 positions",
+                      " / ".join(f"{v:.1f}" for v in g["ms_per_token"].values()) + f" = {g['ratio']:.2f}", "floor")
         table.add_row("  raw llama.cpp on the profile's own GGUF, tok/s", f"{q['llama_cpp_source_gguf_tok_s']:.0f}", "")
         first = q["chat_first_reply_s"]
         table.add_row("  `nextgpt chat` start → first reply text (later start)", f"{first[-1]:.2f} s" if first[-1] else "none", "≤ 3 s")
