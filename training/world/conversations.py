@@ -336,8 +336,8 @@ class Writer:
         said = [self.say(f"said.{it.spec.modality}", user=False, c=it.words) for it in items]
         # each output's signal group right after the words that name it (the last one at the end of
         # the reply, as in single replies), so the second group follows words that ask for it
-        said = [x[0].lower() + x[1:] + f" <{it.spec.modality}>" for x, it in zip(said, items)]
-        said[-1] = said[-1].rsplit(" <", 1)[0]
+        said = [x[0].lower() + x[1:] for x in said]
+        said = [x + f" <{it.spec.modality}>" for x, it in zip(said[:-1], items)] + said[-1:]
         joined = said[0] + " and " + said[1] if k == 2 else f"{said[0]}, {said[1]} and {said[2]}"
         made = self.say("multi.made", user=False, parts=joined) + f" <{items[-1].spec.modality}>"
         self.exchange("multi", request, made,
