@@ -100,11 +100,15 @@ def test_official_dialog_variants(tmp_path, pairs_dir):
         {"conversation": [
             {"from": "human", "value": "Beep please"},
             {"from": "gpt", "value": "Done.[AUD0] [AUD1] [AUD2] [AUD3] [AUD4] [AUD5] [AUD6] [AUD7]"}]},
+        {"conversation": [  # signal text in lower case (it raised KeyError before)
+            {"from": "human", "value": "Draw"},
+            {"from": "gpt", "value": "Ok [img0][img1][img2][img3]"}]},
     ]  # fmt: skip
     d = read_dialogs_file(_write(tmp_path, "d.json", data), media_root="/")
     assert d[0].turns[0].media == [("image", img)] and d[0].turns[0].text == "What is this?"
     assert d[1].turns[1].text == "Here it is." and d[1].outputs == [Output("image", "a cat")]
     assert d[2].turns[1].text == "Done." and d[2].outputs == [Output("audio", None)]
+    assert d[3].turns[1].text == "Ok" and d[3].outputs == [Output("image", None)]
 
 
 def test_stage_data_kinds(pairs_dir):

@@ -59,6 +59,7 @@ STAGE1_INSTRUCTION = "generate a caption"  # the official stage-1 prompt
 
 _PLACEHOLDER = re.compile(r"<(image|video|audio)>", re.IGNORECASE)
 _SIGNAL_TEXT = re.compile(r"\[(IMG|VID|AUD)(\d+)\]")
+_OUTPUT_MARKS = re.compile(r"<(image|video|audio)>|\[(IMG|VID|AUD)(\d+)\]", re.IGNORECASE)  # in a gpt value
 _MARK = "\ue000"  # where a placeholder stood while the reply text is cleaned
 _PREFIX_TO_MODALITY = {spec.prefix: m for m, spec in MODALITIES.items()}
 _MAX_LISTED = 20
@@ -367,15 +368,18 @@ def _gpt_turn(t: dict, value: str, bad) -> Turn | None:
             return None
     # outputs: explicit fields first, else placeholders / signal text in the value, in order
     explicit = t.get("output_modality")
+    # each placeholder / signal group names an output and marks where its group goes: "a green square <image>
+    # and a beep <audio>" trains "a green square[IMG0..3] and a beep[AUD0..7]"; one at the very end (the usual
+    # case) is at=None
     inline: list[str] = []
-    for m in re.finditer(r"<(image|video|audio)>|\[(IMG|VID|AUD)(\d+)\]", value, flags=re.IGNORECASE):
-        if m.group(1):
-            inline.append(m.group(1).lower())
-        elif m.group(3) == "0":
-            inline.append(_PREFIX_TO_MODALITY[m.group(2)])
-    # each placeholder / signal group marks where its group goes: "a green square <image> and a beep <audio>"
-    # trains "a green square[IMG0..3] and a beep[AUD0..7]"; one at the very end (the usual case) is at=None
-    marked = _SIGNAL_TEXT.sub(lambda m: _MARK if m.group(2) == "0" else "", _PLACEHOLDER.sub(_MARK, value))
+
+    def mark(m: re.Match) -> str:
+        if m.group(1) or m.group(3) == "0":
+            inline.append(m.group(1).lower() if m.group(1) else _PREFIX_TO_MODALITY[m.group(2).upper()])
+            return _MARK
+        return ""  # [IMG1] ... : the rest of a group
+
+    marked = _OUTPUT_MARKS.sub(mark, value)
     marked = re.sub(r"[ \t]+\n", "\n", marked).strip()
     marked = re.sub(r"[ \t]+" + _MARK, _MARK, marked)  # "square <image> and" -> "square" + group + " and"
     text, offsets = "", []
