@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from training.world.conversations import SCENARIOS, W, sample_conversations, sample_scenarios
+from training.world.conversations import SCENARIOS, W, W_TRAIN, sample_conversations, sample_scenarios
 from training.world.spec import AudioSpec, ImageSpec
 
 
@@ -65,9 +65,10 @@ def test_eval_wording_is_never_a_training_wording():
     for intent, pool in W.items():
         if intent.startswith(replies):
             continue
-        trained = {norm(t) for i, t in enumerate(pool) if i % 4 != 3}
+        trained = {norm(t) for i, t in enumerate(pool) if i % 4 != 3} | {norm(t) for t in W_TRAIN.get(intent, ())}
         assert not [t for i, t in enumerate(pool) if i % 4 == 3 and norm(t) in trained], intent
     held = {norm(t) for intent, pool in W.items() if not intent.startswith(replies) for i, t in enumerate(pool) if i % 4 == 3}
+    assert set(W_TRAIN) <= set(W) and not held & {norm(t) for pool in W_TRAIN.values() for t in pool}
     shapes = {norm(re.sub(r"\b(red|green|blue|yellow|purple|orange|circle|square|triangle)\b", "{}", t["value"]))
               for c in sample_conversations(300, seed=0) for t in c if t["from"] == "human"}
     assert len(shapes) > 50

@@ -161,6 +161,22 @@ W: dict[str, tuple[str, ...]] = {
              "How are you?", "Thank you, that is great.", "Nice.", "hey",
              "Can you explain what a square is?", "Cool, thanks.", "Are you a robot?", "good morning"),
 }
+# Training-only phrasings (never held out, so the evaluation's wording and random stream stay as
+# they were): verbs and habits users bring that the pools above lack ("sketch", "u", "real quick").
+W_TRAIN: dict[str, tuple[str, ...]] = {
+    "create.image": ("Sketch {c}.", "can you sketch {c}?", "Illustrate {c}.", "I need a drawing of {c}.",
+                     "yo draw {c} real quick", "Could you paint me {c}?", "picture of {c} please", "Make me an image with {c}.",
+                     "can u draw {c}", "Doodle {c}.", "I want an image of {c}.", "Depict {c}."),
+    "create.audio": ("Synthesize {c}.", "I want to hear {c}.", "can u play {c}", "Make a sound: {c}.",
+                     "Give me a tone, {c}.", "play {c} real quick", "Could you produce {c} for me?", "Sound {c}, please."),
+    "create.video": ("Make a movie of {c}.", "I want a clip of {c}.", "can u animate {c}", "Make an animation of {c}.",
+                     "Film {c}.", "a short video of {c} please", "Could you render {c} as a video?", "Video of {c}, please."),
+    "part.image": ("sketch {c}", "illustrate {c}", "do a drawing of {c}", "make an image of {c}"),
+    "part.audio": ("play me {c}", "make me {c}", "add {c}", "play {c} as well"),
+    "part.video": ("animate me {c}", "make a movie of {c}", "make an animation of {c}", "film {c}"),
+}
+
+
 CHAT_REPLY = {
     "Hello!": "Hello! I can describe pictures, sounds and videos of simple shapes, and make new ones.",
     "Hi there.": "Hi! Give me an image, a sound or a video, or ask me to create one.",
@@ -230,7 +246,7 @@ class Writer:
         pool = W[intent]
         if user:
             held = [t for i, t in enumerate(pool) if i % 4 == 3]
-            pool = held if self.wording == "eval" else [t for i, t in enumerate(pool) if i % 4 != 3]
+            pool = held if self.wording == "eval" else [t for i, t in enumerate(pool) if i % 4 != 3] + list(W_TRAIN.get(intent, ()))
         text = self.pick(pool).format(**kw)
         text = text[0].upper() + text[1:] if not user else text
         if user and self.rng.random() < 0.25:  # users' habits
