@@ -146,6 +146,7 @@ class Assistant:
         self._model = None
         self._tools = None
         self.lock = threading.Lock()  # held while generating: one reply at a time
+        self._tools_lock = threading.Lock()
         self.stacked_calls = 0  # decoder calls that rendered signals of several turns (logs and tests)
 
     @property
@@ -163,10 +164,11 @@ class Assistant:
 
     @property
     def tools(self) -> dict:
-        if self._tools is None:
-            from tools import build_tools
+        with self._tools_lock:  # a chat's loader thread and its first render may both ask
+            if self._tools is None:
+                from tools import build_tools
 
-            self._tools = build_tools(self.profile.decoders, self.settings.cache_path, self.output_dir)
+                self._tools = build_tools(self.profile.decoders, self.settings.cache_path, self.output_dir)
         return self._tools
 
     # ------------------------------------------------------------------ the turn API

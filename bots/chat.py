@@ -131,9 +131,9 @@ def _setup_quiet_logging(data_dir: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------ model loading
-def _quiet_progress_bars() -> None:
+def _quiet_progress_bars(modules=("transformers.utils.logging", "diffusers.utils.logging")) -> None:
     """transformers/diffusers tqdm bars (e.g. "Loading weights") would scribble over the prompt."""
-    for module in ("transformers.utils.logging", "diffusers.utils.logging"):
+    for module in modules:
         try:
             __import__(module, fromlist=["disable_progress_bar"]).disable_progress_bar()
         except Exception:  # pragma: no cover - a missing library just has no bars
@@ -141,29 +141,35 @@ def _quiet_progress_bars() -> None:
 
 
 class _Loader:
-    """Loads the model (and builds the decoder tools) in a background thread."""
+    """Loads the model, then builds the decoder tools, in a background thread. A reply waits only for
+    the model (`ready`): the first reply's text does not wait for diffusers to import."""
 
     def __init__(self, assistant, on_done=None):
         self.assistant = assistant
         self.on_done = on_done  # called from the loader thread when loading ends (e.g. redraw the toolbar)
         self.error: BaseException | None = None
-        self.done = threading.Event()
+        self.ready = threading.Event()  # the model is loaded (or failed: `error`)
+        self.done = threading.Event()  # the tools too
         self.start()
 
     def start(self) -> None:
         self.error = None
+        self.ready.clear()
         self.done.clear()
         threading.Thread(target=self._load, name="nextgpt-model-loader", daemon=True).start()
 
     def _load(self) -> None:
         try:
-            _quiet_progress_bars()
+            _quiet_progress_bars(("transformers.utils.logging",))
             self.assistant.model
+            self.ready.set()
+            _quiet_progress_bars(("diffusers.utils.logging",))
             self.assistant.tools
         except BaseException as e:  # reported on the next message, as one line
             log.warning("model load failed", exc_info=True)
             self.error = e
         finally:
+            self.ready.set()
             self.done.set()
             if self.on_done is not None:
                 try:
@@ -416,7 +422,7 @@ class ChatUI:
             parts.append("next reply: " + "+".join(self.want))
         if self.chat.settings.seed is not None:
             parts.append(f"seed {self.chat.settings.seed}")
-        if self.loader is not None and not self.loader.done.is_set():
+        if self.loader is not None and not self.loader.ready.is_set():
             parts.append("loading model…")
         elif self.loader is not None and self.loader.error is not None:
             parts.append("the model failed to load (see your next message)")
@@ -516,13 +522,13 @@ class ChatUI:
         loader = self.loader
         if loader is None:
             return True
-        if not loader.done.is_set():
+        if not loader.ready.is_set():
             if self.console.is_terminal:
                 with self.console.status("loading model…", spinner="dots"):
-                    while not loader.done.wait(0.1):
+                    while not loader.ready.wait(0.1):
                         pass
             else:
-                loader.done.wait()
+                loader.ready.wait()
         if loader.error is not None:
             self.error(f"could not load the model: {_one_line(loader.error)}")
             loader.start()  # try again in the background for the next message

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -343,13 +344,36 @@ class MediaEncoder:
     def __init__(self, cfg: EncoderConfig, cache_dir: str | os.PathLike, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):  # fmt: skip
         self.cfg = cfg
+        self.cache_dir = cache_dir
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = load_imagebind(cfg, cache_dir).to(device=self.device, dtype=dtype)
-        arch = self.model.nextgpt_arch
-        self._video_frames = int(arch.get("video_frames", 2))  # frames per clip
-        self._mel_bins = int(arch.get("audio_num_mel_bins", media.AUDIO_MEL_BINS))
-        self._audio_frames = int(arch.get("audio_target_len", media.AUDIO_TARGET_FRAMES))
+        self._model: torch.nn.Module | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """ImageBind, loaded on first use: a chat whose first message has no media does not wait for it."""
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    self._model = load_imagebind(self.cfg, self.cache_dir).to(device=self.device, dtype=self.dtype)
+        return self._model
+
+    @property
+    def _arch(self) -> dict:
+        return self.model.nextgpt_arch
+
+    @property
+    def _video_frames(self) -> int:  # frames per clip
+        return int(self._arch.get("video_frames", 2))
+
+    @property
+    def _mel_bins(self) -> int:
+        return int(self._arch.get("audio_num_mel_bins", media.AUDIO_MEL_BINS))
+
+    @property
+    def _audio_frames(self) -> int:
+        return int(self._arch.get("audio_target_len", media.AUDIO_TARGET_FRAMES))
 
     @property
     def out_dim(self) -> int:

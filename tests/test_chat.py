@@ -357,6 +357,31 @@ def test_model_load_failure_is_one_line(ui):
     ui.loader.done.wait(10)
 
 
+def test_loader_readies_the_model_before_the_tools(ui):
+    """A reply waits for the model only: the decoder tools (diffusers' import) are built after it."""
+    import threading
+
+    from bots.chat import _Loader
+
+    release = threading.Event()
+
+    class Slow:
+        model = object()
+
+        @property
+        def tools(self):
+            release.wait(10)
+            return {}
+
+    ui.loader = _Loader(Slow())
+    assert ui.loader.ready.wait(10)
+    assert not ui.loader.done.is_set()  # still building the tools
+    assert ui.ensure_model()  # does not wait for them
+    assert "loading model" not in ui.toolbar()[0][1]
+    release.set()
+    assert ui.loader.done.wait(120) and ui.loader.error is None
+
+
 def test_export_command(ui, tmp_path):
     pytest.importorskip("bots.export")
     ui.handle("/export")
