@@ -168,3 +168,16 @@ def test_fold_standardisation_keeps_the_projector_function():
         got = fc(x)
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
     assert not torch.allclose(fc.weight, torch.nn.Linear(6, 3).weight)
+
+
+def test_dialog_eval_keeps_the_replies_that_hit_the_token_limit(settings, tiny_assistant, tmp_path):
+    """`length_finishes` counts every generated turn that ran to max_new_tokens, and each such case keeps
+    those replies' text (to tell a loop the guard missed from a long answer)."""
+    from training.evaluate import evaluate_dialogs
+
+    result = evaluate_dialogs(settings, "tiny", n=1, seed=7, out_dir=tmp_path, max_new_tokens=3, progress=False,
+                              assistant=tiny_assistant)  # fmt: skip
+    cases = [json.loads(x) for x in (tmp_path / "dialog-cases.jsonl").read_text().splitlines()]
+    kept = [t for c in cases for t in c.get("length_turns", [])]
+    assert result["length_finishes"] == len(kept) > 0
+    assert all(isinstance(t["text"], str) and t["turn"] >= 0 for t in kept)

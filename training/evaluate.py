@@ -317,6 +317,7 @@ class DialogCase:
     scenario: str
     turns: list[dict[str, Any]]  # the scripted conversation (human turns are replayed; the last gpt turn is the truth)
     result: dict[str, Any] = field(default_factory=dict)
+    long_turns: list[dict[str, Any]] = field(default_factory=list)  # replies that ran to the token limit
 
 
 def build_dialog_cases(n: int, seed: int, media_dir: Path, side: int = 64, scenarios=None) -> list[DialogCase]:
@@ -414,7 +415,9 @@ def evaluate_dialogs(settings, profile=None, *, n: int = 20, seed: int = 12345, 
                                        seed=seed + 1000 * i + j, cache=cache)  # fmt: skip
                 messages.append(Message("assistant", reply.trace))
                 turns_total += 1
-                length_finishes += reply.finish_reason == "length"
+                if reply.finish_reason == "length":  # kept with its text: a loop the guard missed, or a long reply?
+                    length_finishes += 1
+                    case.long_turns.append({"turn": j, "text": reply.text[-300:]})
             media: list[tuple[str, Path]] = []
             failures = []
             for k, s in enumerate(reply.signals):  # only the last turn is rendered and scored
@@ -427,6 +430,8 @@ def evaluate_dialogs(settings, profile=None, *, n: int = 20, seed: int = 12345, 
             case.result = score_dialog_turn(case, reply.text, [s.modality for s in reply.signals], media, reply.finish_reason)
             if failures:
                 case.result["failures"] = failures
+            if case.long_turns:
+                case.result["length_turns"] = case.long_turns
             bar.advance(case.scenario)
     finally:
         bar.close()
