@@ -310,24 +310,3 @@ def test_uncached_call_keeps_the_cached_conversation(tiny_gguf_models):
     second = fast.generate(history, max_new_tokens=3, temperature=0, cache=cache)
     assert second.timings["prefill_tokens"] <= second.timings["prompt_tokens"] - first.timings["prompt_tokens"]
 
-
-def test_prepared_tokenizer_loads_without_auto_and_tokenizes_the_same(tiny_gguf_models):
-    """The chat start builds the prepared tokenizer by its class (no AutoTokenizer index of every
-    model family): the same ids, chat template and decoding as AutoTokenizer gives."""
-    from transformers import AutoTokenizer
-
-    from nextgpt.llama_backend import TOKENIZER_DIR, build_dir, load_tokenizer
-    from nextgpt.llm import add_nextgpt_tokens
-
-    _, _, profile, cache = tiny_gguf_models
-    folder = build_dir(profile, cache) / TOKENIZER_DIR
-    direct, auto = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
-    assert type(direct).__name__ == "TokenizersBackend"
-    assert add_nextgpt_tokens(direct) == add_nextgpt_tokens(auto)
-    texts = ["Tell me about circles.", "  two  spaces\n\ttab [IMG0][IMG1] <Img></Img> [AUD7]", "ünïcödé 🙂 0123"]
-    for text in texts:
-        assert direct(text)["input_ids"] == auto(text)["input_ids"]
-        assert direct.decode(direct(text)["input_ids"]) == auto.decode(auto(text)["input_ids"])
-    chat = [{"role": "user", "content": texts[1]}]
-    assert direct.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == auto.apply_chat_template(
-        chat, tokenize=False, add_generation_prompt=True)

@@ -56,3 +56,26 @@ def test_gguf_llm_loads_with_official_tokens_and_answers(cache_dir, monkeypatch)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_prepared_tokenizer_loads_without_auto_and_tokenizes_the_same(tmp_path):
+    """The chat start builds the prepared tokenizer by its class (no AutoTokenizer index of every
+    model family): the same ids, chat template and decoding as AutoTokenizer gives."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from nextgpt.llama_backend import load_tokenizer  # no llama-cpp-python needed for this part
+    from nextgpt.llm import add_nextgpt_tokens, build_tiny_llm
+
+    folder = Path(build_tiny_llm(tmp_path / "hf"))  # saved as the backend's prepare saves its tokenizer
+    direct, auto = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    assert type(direct).__name__ == "TokenizersBackend"
+    assert add_nextgpt_tokens(direct) == add_nextgpt_tokens(auto)
+    texts = ["Tell me about circles.", "  two  spaces\n\ttab [IMG0][IMG1] <Img></Img> [AUD7]", "ünïcödé 🙂 0123"]
+    for text in texts:
+        assert direct(text)["input_ids"] == auto(text)["input_ids"]
+        assert direct.decode(direct(text)["input_ids"]) == auto.decode(auto(text)["input_ids"])
+    chat = [{"role": "user", "content": texts[1]}]
+    assert direct.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == auto.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True)
