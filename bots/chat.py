@@ -134,11 +134,12 @@ def _setup_quiet_logging(data_dir: Path) -> Path | None:
 def _quiet_progress_bars() -> None:
     """transformers' tqdm bars (e.g. "Loading weights") would scribble over the prompt (the decoder
     tools silence diffusers' bars themselves while a pipeline loads: tools/base.py)."""
-    for module in ("transformers.utils.logging",):
-        try:
-            __import__(module, fromlist=["disable_progress_bar"]).disable_progress_bar()
-        except Exception:  # pragma: no cover - a missing library just has no bars
-            pass
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - a missing library just has no bars
+        pass
 
 
 class _Loader:

@@ -317,7 +317,6 @@ class DialogCase:
     scenario: str
     turns: list[dict[str, Any]]  # the scripted conversation (human turns are replayed; the last gpt turn is the truth)
     result: dict[str, Any] = field(default_factory=dict)
-    long_turns: list[dict[str, Any]] = field(default_factory=list)  # replies that ran to the token limit
 
 
 def build_dialog_cases(n: int, seed: int, media_dir: Path, side: int = 64, scenarios=None) -> list[DialogCase]:
@@ -406,7 +405,7 @@ def evaluate_dialogs(settings, profile=None, *, n: int = 20, seed: int = 12345, 
     turns_total, length_finishes = 0, 0
     try:
         for i, case in enumerate(cases):
-            messages, cache = [], PromptCache()
+            messages, cache, long_turns = [], PromptCache(), []  # long_turns: replies that ran to the token limit
             humans = [t for t in case.turns if t["from"] == "human"]
             for j, h in enumerate(humans):
                 messages.append(Message("user", h["value"], [MediaInput(m, path=p) for m, p in h["paths"]]))
@@ -417,7 +416,7 @@ def evaluate_dialogs(settings, profile=None, *, n: int = 20, seed: int = 12345, 
                 turns_total += 1
                 if reply.finish_reason == "length":  # kept with its text: a loop the guard missed, or a long reply?
                     length_finishes += 1
-                    case.long_turns.append({"turn": j, "text": reply.text[-300:]})
+                    long_turns.append({"turn": j, "text": reply.text[-300:]})
             media: list[tuple[str, Path]] = []
             failures = []
             for k, s in enumerate(reply.signals):  # only the last turn is rendered and scored
@@ -430,8 +429,8 @@ def evaluate_dialogs(settings, profile=None, *, n: int = 20, seed: int = 12345, 
             case.result = score_dialog_turn(case, reply.text, [s.modality for s in reply.signals], media, reply.finish_reason)
             if failures:
                 case.result["failures"] = failures
-            if case.long_turns:
-                case.result["length_turns"] = case.long_turns
+            if long_turns:
+                case.result["length_turns"] = long_turns
             bar.advance(case.scenario)
     finally:
         bar.close()
