@@ -352,3 +352,18 @@ def test_write_pairs_single_modality_returns_json(tmp_path):
     assert [r["audio_name"] for r in json.loads(path.read_text())] == ["000000.wav", "000001.wav"]
     with pytest.raises(ValueError):
         write_pairs(tmp_path, "smell", 1, 0)
+
+
+def test_analyzer_reads_the_small_decoders_soft_small_shapes():
+    """Images the committed `small` image decoder drew (tests/data/decoder-shapes): its small circles
+    have a soft rim that makes their pixel blob fuller than π/4 of its box; a squareness threshold of
+    0.15 read these circles as squares (a third of all its small red circles), undercounting the
+    evaluation. Its squares must still read as squares."""
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parent / "data" / "decoder-shapes").glob("*.png"))
+    assert len(files) >= 8
+    for f in files:
+        colour, shape = f.stem.split("-")[1:3]
+        r = A.analyze_image(f)
+        assert (r["shape"], r["colour"], r["size"]) == (shape, colour, "small"), (f.name, r["details"]["squareness"])

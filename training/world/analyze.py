@@ -41,7 +41,11 @@ _WHITE = np.array(WHITE, np.float64)
 MIN_LEVEL = 60.0  # RGB distance from the background below which nothing counts as foreground
 MAX_ANALYSIS_SIDE = 128  # larger images are box-downsampled first (fractions are unchanged)
 SIZE_BOUNDARY = 0.45  # bounding-box span / side between small (0.3) and large (0.6)
-SQUARENESS = 0.15  # 0 = circle, 1 = square (see analyze_image); above → square
+# 0 = circle, 1 = square (see analyze_image); above → square. Measured: the small decoder's circles
+# 0.17 at most (a 19-px circle is 0.09 even when drawn exactly: its pixels fill the box more than π/4;
+# a soft rim adds more), its squares 0.38 at least, a square blurred with radius 2.5 px 0.25 at least.
+# (0.15 read a third of the decoder's small red circles as squares.)
+SQUARENESS = 0.21
 TRIANGLE_ASYMMETRY = 0.75  # top-half / bottom-half area below which a blob is an apex-up triangle
 BUZZ_RATIO = 0.15  # (|X(3f)| + |X(5f)|) / |X(f)| above which a tone is a square wave
 MIN_MOTION = 0.1  # net displacement (fraction of the side) below which a video shows no motion
@@ -189,7 +193,7 @@ def analyze_image(image: Any) -> dict[str, Any]:
 
     # Square vs circle: fill ratio of the bounding box (1 vs π/4) and extent along the diagonals
     # relative to the axes (√2 vs 1), each scaled to 0 (circle) … 1 (square), averaged. Blur
-    # rounds a square's corners, lowering both; the average keeps a wide margin.
+    # rounds a square's corners, lowering both; a soft rim raises a small circle's (see SQUARENESS).
     px, py = xs + 0.5, ys + 0.5
     diagonal = max(np.ptp(px + py), np.ptp(px - py)) / np.sqrt(2) + 1
     diag_ratio = diagonal / max(bw, bh)
