@@ -44,7 +44,7 @@ class Signal:
 class Forward:
     """One LLM pass over inputs with the media spliced into their slots (`signal_forward`)."""
 
-    logits: torch.Tensor  # (B, T, vocab)
+    logits: torch.Tensor  # (B, T, vocab); with `logits_at`: (K, vocab) at its K chosen positions
     inputs_embeds: torch.Tensor  # (B, T, hidden): token embeddings, projected media vectors in their slots
     states: dict[str, torch.Tensor]  # modality → (n, N, hidden): the signal states of each requested group
     all_states: torch.Tensor | None  # (B, T, hidden) signal states at every position, when asked
@@ -55,7 +55,7 @@ def signal_forward(llm, input_proj, input_ids: torch.Tensor | None = None, *, in
                    attention_mask: torch.Tensor | None = None, media_vectors: torch.Tensor | None = None,
                    media_batch: torch.Tensor | None = None, media_pos: torch.Tensor | None = None,
                    signals: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, all_states: bool = False,
-                   past_key_values=None, use_cache: bool = False) -> Forward:
+                   past_key_values=None, use_cache: bool = False, logits_at: torch.Tensor | None = None) -> Forward:
     """The core step of NExT-GPT, the one place it is written: media spliced into their slots → LLM →
     (logits, signal states). Generation (`NextGPT.generate`), training (`training.trainer`) and the
     projector refit (`training.small.signal_states`) all run it.
@@ -68,7 +68,12 @@ def signal_forward(llm, input_proj, input_ids: torch.Tensor | None = None, *, in
     embedding at a signal token (official: `hidden_states[-1] + input embeddings`):
     `signals={modality: (rows (n,), starts (n,))}` gives `states[modality]` (n, N, hidden) for the
     group of N signal tokens starting at (rows[i], starts[i]); `all_states=True` gives them at every
-    position (generation, which learns only afterwards which tokens were signal tokens)."""
+    position (generation, which learns only afterwards which tokens were signal tokens).
+
+    `logits_at` (B, T) bool: the logits only at those positions, (K, vocab), from the last hidden state
+    through the LLM's output layer (training: the positions whose next token is scored, a third of a
+    conversation's; at 8 × 448 tokens the full (B, T, 49k) logits and their loss were ~30% of a step;
+    an all-False mask: none, for the refit, which needs only the states)."""
     if inputs_embeds is None:
         x = llm.get_input_embeddings()(input_ids)
         if media_vectors is not None and media_vectors.shape[0]:
@@ -76,9 +81,13 @@ def signal_forward(llm, input_proj, input_ids: torch.Tensor | None = None, *, in
             x = x.index_put((media_batch, media_pos), proj)
     else:
         x = inputs_embeds
-    wanted = bool(signals) or all_states
+    wanted = bool(signals) or all_states or logits_at is not None
+    kw = {} if logits_at is None else {"logits_to_keep": 1}  # the last position's only; the chosen ones below
     out = llm(inputs_embeds=x, attention_mask=attention_mask, past_key_values=past_key_values, use_cache=use_cache,
-              output_hidden_states=wanted)  # fmt: skip
+              output_hidden_states=wanted, **kw)  # fmt: skip
+    logits = out.logits
+    if logits_at is not None:
+        logits = llm.get_output_embeddings()(out.hidden_states[-1][logits_at])
     states: dict[str, torch.Tensor] = {}
     everywhere = None
     if wanted:
@@ -89,7 +98,7 @@ def signal_forward(llm, input_proj, input_ids: torch.Tensor | None = None, *, in
             pos = starts[:, None] + torch.arange(MODALITIES[m].num_tokens, device=starts.device)
             at = rows[:, None].expand_as(pos)
             states[m] = hidden[at, pos] + x[at, pos]
-    return Forward(out.logits, x, states, everywhere, out.past_key_values if use_cache else None)
+    return Forward(logits, x, states, everywhere, out.past_key_values if use_cache else None)
 
 
 @dataclass

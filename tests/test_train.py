@@ -299,3 +299,37 @@ def test_two_process_accelerate_run_stays_in_sync(data, tmp_path, cache_dir):
     assert any(k.startswith("adapter.") for k in r0)  # LoRA, projections, new rows: all the trainable tensors
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     assert torch.equal(r0["input_proj.weight"], load_file(str(out / "nextgpt.safetensors"))["input_proj.weight"])
+
+
+def test_lm_loss_on_the_scored_positions_only_equals_the_full_logits_loss(model, data, tmp_path):
+    """The trainer computes logits only where the next token is scored (`signal_forward(logits_at=)`):
+    the same loss, and the same gradients, as the (B, T, vocab) logits with ignored positions."""
+    import torch.nn.functional as F
+
+    from training.trainer.encode import IGNORE, Collator, MediaCache
+
+    trainer = Trainer(model, _cfg(tmp_path / "s3", stage=3, lora_r=4, lora_dropout=0.0), log=lambda _: None)
+    examples = trainer.build_examples(load_stage_data(3, [data / "dialogs" / "dialogs.json"]))
+    shapes = {m: (p.query_embs.shape[1], p.model.out_features) for m, p in model.output_projectors.items()}
+    collate = Collator(model.tokenizer.pad_token_id or 0, model.input_proj.in_features, shapes, MediaCache(model.encoder.encode), None)
+    batch = collate(examples[:3])
+    labels = batch["labels"]
+    assert (labels == IGNORE).any() and (labels != IGNORE).any()
+    module = trainer.module
+
+    def grads():
+        return [p.grad.clone() for p in module.parameters() if p.requires_grad and p.grad is not None]
+
+    module.zero_grad()
+    lm = module(batch)["lm"]
+    lm.backward()
+    g_new = grads()
+    module.zero_grad()
+    logits = module.run(batch).logits[:, :-1].float()  # the old way: every position's logits
+    full = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    full.backward()
+    g_old = grads()
+    assert torch.allclose(lm, full, rtol=1e-5, atol=1e-6), (float(lm), float(full))
+    assert len(g_new) == len(g_old) > 0
+    for a, b in zip(g_new, g_old):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -209,23 +209,24 @@ class TrainModule(nn.Module):
         self.output_projectors = output_projectors
         self.loss_scale = dict(loss_scale)
 
-    def run(self, batch: dict) -> Forward:
+    def run(self, batch: dict, logits_at: torch.Tensor | None = None) -> Forward:
         """The batch through `signal_forward` (as `NextGPT.generate` and the refit run it): media spliced
-        into their slots → LLM → logits and the signal states of every group in the batch."""
+        into their slots → LLM → logits (at `logits_at`, else everywhere) and the signal states of every
+        group in the batch."""
         groups = {m: (g["batch"], g["start"]) for m, g in (batch.get("signals") or {}).items()}
         return signal_forward(self.llm, self.input_proj, batch["input_ids"], attention_mask=batch["attention_mask"],
                               media_vectors=batch["media_vectors"], media_batch=batch["media_batch"],
-                              media_pos=batch["media_pos"], signals=groups)  # fmt: skip
+                              media_pos=batch["media_pos"], signals=groups, logits_at=logits_at)  # fmt: skip
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         labels = batch["labels"]
         signals = batch.get("signals") or {}
-        out = self.run(batch)
-        logits = out.logits[:, :-1].float()
-        target = labels[:, 1:]
-        n = (target != IGNORE).sum()
-        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
-        lm = lm / n.clamp(min=1)
+        # the next-token loss over the scored positions only (the assistant's tokens): position t predicts t + 1
+        scored = torch.zeros_like(labels, dtype=torch.bool)
+        scored[:, :-1] = labels[:, 1:] != IGNORE
+        out = self.run(batch, logits_at=scored)
+        target = labels[:, 1:][scored[:, :-1]]
+        lm = F.cross_entropy(out.logits.float(), target, reduction="sum") / max(1, target.numel())
         losses = {"lm": lm}
         total = lm
         for m, g in signals.items():
