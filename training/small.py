@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dialogs", type=int, help="override the number of dialogs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's `threads` / torch's)")
     p.add_argument("--no-refit", action="store_true", help="skip the projector refit after stage 3")
-    p.add_argument("--refit", metavar="DIALOGS,PAIRS,STEPS,VARIED,CONVERSATIONS", help="override the refit sizes (empty fields keep the plan's)")
+    p.add_argument("--refit", metavar="DIALOGS,PAIRS,STEPS,VARIED,CONVERSATIONS,EMPHASIS", help="override the refit sizes (empty fields keep the plan's)")
     p.add_argument("--publish-partial", action="store_true",
                    help="publish the latest saved checkpoint (of the furthest stage) to --out without training")  # fmt: skip
     p.add_argument("--eval", type=int, default=0, metavar="N", help="after publishing, evaluate N prompts per direction into the card")
@@ -407,13 +407,14 @@ class RefitPlan:
     steps: int  # projector optimizer steps on the cached states
     varied: int = 0  # extra dialogs whose requests name the output in varied, partial wordings (make_data)
     conversations: int = 0  # multi-turn conversations (stage 4's data) whose outputs are used
+    emphasis: int = 0  # stage 5's conversations (replies with two or three outputs ×4) whose outputs are used
     batch_size: int = 32
     lr: float = 1e-3
     forward_batch: int = 16
 
 
-REFIT_FULL = RefitPlan(dialogs=900, pairs=600, steps=5000, varied=1500, batch_size=64, conversations=1500)  # ≈ 0.05 s a step (d_model 128); the dialogs bring varied reply wording
-REFIT_SMOKE = RefitPlan(dialogs=4, pairs=2, steps=3, varied=4, batch_size=4, forward_batch=4, conversations=4)
+REFIT_FULL = RefitPlan(dialogs=900, pairs=600, steps=5000, varied=1500, batch_size=64, conversations=1500, emphasis=1200)  # ≈ 0.05 s a step (d_model 128); the dialogs bring varied reply wording
+REFIT_SMOKE = RefitPlan(dialogs=4, pairs=2, steps=3, varied=4, batch_size=4, forward_batch=4, conversations=4, emphasis=4)
 
 
 def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Path], args, state: dict) -> Path:
@@ -458,6 +459,8 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
         "varied": ([d for d in load_stage_data(3, [files["varied"]]) if d.outputs], [files["varied"]]) if "varied" in files else ([], []),
         "conversations": ([d for d in load_stage_data(3, [files["conversations"]]) if d.outputs][: rp.conversations], [files["conversations"]])
         if "conversations" in files and rp.conversations else ([], []),
+        "emphasis": ([d for d in load_stage_data(3, [files["emphasis"]]) if d.outputs][: rp.emphasis], [files["emphasis"]])
+        if "emphasis" in files and rp.emphasis else ([], []),
     }
     cache = TargetCache(_target_dirs(settings, profile, args.targets_dir))
     shapes = {m: (p.query_embs.shape[1], p.model.out_features) for m, p in model.output_projectors.items()}
@@ -656,7 +659,7 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
                  for m, r in refit.get("report", {}).items()]  # fmt: skip
         refit_text = (
             f"Projector refit on the final LLM's signal states: {refit['dialogs']} stage-3 dialogs + {refit.get('varied', 0)} dialogs with "
-            f"varied, partial request wordings + {refit.get('conversations', 0)} multi-turn conversations + {refit['pairs']} pairs per modality, "
+            f"varied, partial request wordings + {refit.get('conversations', 0)} multi-turn conversations + {refit.get('emphasis', 0)} conversations weighted to several outputs + {refit['pairs']} pairs per modality, "
             f"{refit['steps']} steps × batch {refit['batch_size']}, lr {refit['lr']:g}; {refit['seconds'] / 60:.1f} min "
             f"({refit['states_seconds'] / 60:.1f} of them computing the states). Held-out L2 (per query token):\n\n"
             "| modality | groups | before | after | predicting the mean |\n|---|---|---|---|---|\n" + "\n".join(lines)
@@ -762,7 +765,7 @@ def _refit_plan(args) -> RefitPlan:
 
     rp = copy.deepcopy(REFIT_SMOKE if args.smoke else REFIT_FULL)
     if args.refit:
-        for name, v in zip(("dialogs", "pairs", "steps", "varied", "conversations"), args.refit.split(",")):
+        for name, v in zip(("dialogs", "pairs", "steps", "varied", "conversations", "emphasis"), args.refit.split(",")):
             if v.strip():
                 setattr(rp, name, int(v))
     return rp
