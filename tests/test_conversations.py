@@ -184,3 +184,39 @@ def test_dialog_scoring_checks_attributes_order_and_answers(rendered):
     assert score_dialog_turn(recall, "The first circle was red.", [], [], "eos")["ok"]
     assert not score_dialog_turn(recall, "It was blue.", [], [], "eos")["ok"]
     assert not score_dialog_turn(recall, "It was red.", ["image"], [], "eos")["ok"]  # an answer needs no media
+
+
+def test_make_it_move_is_scored_on_what_was_asked_not_on_a_guessed_direction(tmp_path):
+    """'make it move' names no direction: any direction answers it, the kept colour+shape are scored;
+    'animate it going left' is scored on the direction."""
+    import re
+
+    from training.evaluate import DialogCase, score_dialog_turn
+    from training.world.dataset import write_media
+    from training.world.spec import VideoSpec
+
+    named = unnamed = 0
+    for wording in ("eval", "train"):
+        for turns in sample_scenarios("convert", 120, seed=5, wording=wording):
+            human, gpt = _last(turns)
+            spec = gpt["outputs"][0]
+            if not isinstance(spec, VideoSpec):
+                continue
+            if re.search(rf"\b{spec.direction}\b", human["value"].lower()):
+                named += 1
+                assert "scored" not in gpt
+            else:
+                unnamed += 1
+                assert gpt["scored"] == ["colour", "shape"], human["value"]
+    assert named and unnamed
+
+    left = tmp_path / "left.mp4"
+    write_media(VideoSpec("circle", "red", "left"), left, 64)
+    asked_up = {"from": "gpt", "value": "", "outputs": [VideoSpec("circle", "red", "up")], "captions": ["a red circle moving up"]}
+    text = "Here it is moving: a red circle moving left."
+    made = [("video", left)]
+    assert score_dialog_turn(DialogCase("convert", [dict(asked_up, scored=["colour", "shape"])]), text, ["video"], made, "eos")["ok"]
+    assert not score_dialog_turn(DialogCase("convert", [asked_up]), text, ["video"], made, "eos")["ok"]  # "going up" asked
+    blue = {"from": "gpt", "value": "", "outputs": [VideoSpec("circle", "blue", "up")], "captions": ["a blue circle moving up"],
+            "scored": ["colour", "shape"]}  # fmt: skip
+    assert not score_dialog_turn(DialogCase("convert", [blue]), text, ["video"], made, "eos")["ok"]  # the colour not kept

@@ -362,6 +362,8 @@ def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: li
             keys = list(MAIN_KEYS[spec.modality])
             changed = truth.get("changed") or []
             keys += [k for k in ([changed] if isinstance(changed, str) else changed) if k not in keys]
+            if truth.get("scored"):  # the script says what the request asked for ("make it move": not a direction)
+                keys = list(truth["scored"])
             said = parse_caption(text, spec.modality)
             per.append({"ok": score(spec.modality, predicted, spec.attributes(), keys), "keys": keys, "predicted": predicted,
                         "text_ok": score(spec.modality, said, spec.attributes(), keys)})  # fmt: skip

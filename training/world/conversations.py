@@ -33,6 +33,8 @@ training. Users' habits (lower case, no final full stop, "please") are added at 
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -327,13 +329,17 @@ class Writer:
     def convert(self) -> Item:
         item = self.last_visual()
         spec = item.spec
+        extra = None
         if isinstance(spec, ImageSpec):
             d = self.pick(DIRECTIONS)
             new, keys, request = VideoSpec(spec.shape, spec.colour, d), ("colour", "shape", "direction"), self.say("to.video", x=d)
+            if not re.search(rf"\b{d}\b", request.lower()):  # "make it move": any direction answers it; the
+                extra = {"scored": ["colour", "shape"]}  # reply names one, and the kept colour+shape are what is asked
         else:
             new, keys, request = ImageSpec(spec.shape, spec.colour, "large", "center"), ("colour", "shape"), self.say("to.image")
         out = Item(new, keys, True)
-        self.exchange("convert", request, self.say(f"converted.{new.modality}", user=False, c=out.words), outputs=[new], captions=[out.words])
+        self.exchange("convert", request, self.say(f"converted.{new.modality}", user=False, c=out.words), outputs=[new], captions=[out.words],
+                      extra=extra)  # fmt: skip
         self.items.append(out)
         return out
 
