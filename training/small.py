@@ -27,7 +27,10 @@ Steps (every one deterministic, every one skipped when its output is already com
    signal group"; each group of such a reply follows the words naming it).
    Stage 6 (`<work>/stage6`, from stage 5): stage 4's and stage 5's conversations together, once more
    (stages 4 and 5 see each conversation less than once).
-   `--bf16`: stages 3-6 in bfloat16 autocast (the trainer's `--mixed-precision bf16`).
+   Stage 7 (`<work>/stage7`, from stage 6): fresh conversations (seed 7, none seen before) weighted to
+   the scenarios still weakest after stage 6: references to an earlier output and several outputs in
+   one reply ×3, recalls, edits and conversions ×2.
+   `--bf16`: stages 3-7 in bfloat16 autocast (the trainer's `--mixed-precision bf16`).
 6. refit (`<work>/refit`): the output projectors refitted on the final LLM's states at the signal
    tokens of the stage-3 dialogs, the pairs, the conversations and extra dialogs whose requests name
    the output in varied, partial wordings ("draw a blue square"; `write_dialogs(vary_captions=True)`, seed 4).
@@ -64,11 +67,14 @@ from pathlib import Path
 PROG = "python -m training.small"
 STATE_FILE = "state.json"
 DATA_FORMAT = 3  # 3: + training-only request wordings (W_TRAIN); 2: a reply with several outputs puts each signal group after the words naming it (1: all at the end)
-TRAIN_SEEDS = {"pairs": 1, "dialogs": 2, "refit_dialogs": 4, "conversations": 5, "emphasis": 6}
+TRAIN_SEEDS = {"pairs": 1, "dialogs": 2, "refit_dialogs": 4, "conversations": 5, "emphasis": 6, "fresh": 7}
 # stage 5's conversations: every scenario, "multi" (two or three outputs in one reply) four times as often,
 # the ones the eval found weakest after stage 4 (edit, refer, recall, attach) twice
 EMPHASIS = ("multi", "multi", "multi", "multi", "edit", "edit", "refer", "refer", "recall", "recall", "attach", "attach",
             "convert", "chat-create", "ask")  # training.evaluate uses 12345: never a training sample
+# stage 7's fresh conversations: the scenarios the eval found weakest after stage 6 (refer 60, multi 35, recall 70 %)
+FRESH = ("refer", "refer", "refer", "multi", "multi", "multi", "recall", "recall", "edit", "edit", "convert", "convert",
+         "attach", "ask", "chat-create")
 
 
 @dataclass
@@ -92,12 +98,14 @@ class Plan:
     lora_alpha: float = 16.0
     conversations: int = 0  # stage 4 (multi-turn conversations)
     emphasis: int = 0  # stage 5 (conversations weighted to several outputs in one reply)
+    fresh: int = 0  # stage 7 (new conversations weighted to the weakest scenarios)
 
 
 STAGE_NAMES = {1: "encoding-side alignment (pairs)", 2: "decoding-side alignment (captions)", 3: "instruction tuning (dialogs, LoRA)",
                4: "conversation tuning (multi-turn, LoRA continued)", 5: "several outputs in one reply (conversations, LoRA continued)",
-               6: "conversations again (stage 4's and 5's together, LoRA continued)"}  # fmt: skip
-LLM_STAGES = (1, 2, 3, 4, 5, 6)
+               6: "conversations again (stage 4's and 5's together, LoRA continued)",
+               7: "fresh conversations, weakest scenarios weighted (LoRA continued)"}  # fmt: skip
+LLM_STAGES = (1, 2, 3, 4, 5, 6, 7)
 
 
 FULL = Plan(
@@ -121,9 +129,13 @@ FULL = Plan(
         # after stage 5 the conversation scenarios were still 55-90 % (stages 4 + 5 see each conversation
         # less than once): a further pass over both sets, all scenarios with "multi" weighted
         6: StagePlan(steps=200, batch_size=8, lr=3e-4, max_length=448, save_every=20, warmup=5, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
+        # after stage 6: refer 60, multi 35, recall 70 % — and stages 4-6 had seen their conversations twice;
+        # new ones (seed 7), the weakest scenarios weighted (FRESH)
+        7: StagePlan(steps=200, batch_size=8, lr=3e-4, max_length=448, save_every=20, warmup=5, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
     },
     conversations=2400,
     emphasis=1200,
+    fresh=1600,
 )
 SMOKE = Plan(
     pairs=4,
@@ -136,9 +148,11 @@ SMOKE = Plan(
         4: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
         5: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
         6: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
+        7: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
     },
     conversations=4,
     emphasis=4,
+    fresh=4,
     lora_r=4,
     lora_alpha=8.0,
 )
@@ -159,11 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (also the default: finished steps are always skipped)")
     p.add_argument("--restart", action="store_true", help="start the stages over (the data is kept)")
     p.add_argument("--smoke", action="store_true", help="tiny version for CI (use with --profile tiny)")
-    p.add_argument("--stages", default="1,2,3,4,5,6", help="which stages to run (default 1,2,3,4,5,6); the others must be complete if needed")
-    p.add_argument("--steps", metavar="S1,...,S6", help="override the step counts")
-    p.add_argument("--lr", metavar="L1,...,L6", help="override the peak learning rates")
+    p.add_argument("--stages", default="1,2,3,4,5,6,7", help="which stages to run (default 1,2,3,4,5,6,7); the others must be complete if needed")
+    p.add_argument("--steps", metavar="S1,...,S7", help="override the step counts")
+    p.add_argument("--lr", metavar="L1,...,L7", help="override the peak learning rates")
     p.add_argument("--bf16", action="store_true",
-                   help="stages 3-6 in bfloat16 autocast (on a CPU with AMX, as this project's: ~1.3x faster a step; "
+                   help="stages 3-7 in bfloat16 autocast (on a CPU with AMX, as this project's: ~1.3x faster a step; "
                         "CPUs without bf16 units emulate it, slower)")  # fmt: skip
     p.add_argument("--conversations", type=int, help="override the number of stage-4 conversations")
     p.add_argument("--pairs", type=int, help="override the pairs per modality")
@@ -220,6 +234,8 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
         want["conversations"] = plan.conversations
     if plan.emphasis:
         want["emphasis"] = plan.emphasis
+    if plan.fresh:
+        want["fresh"] = plan.fresh
     have = state.get("data", {})
     files = {m: pairs_json_path(data / "pairs", m) for m in MODALITIES}
     files["dialogs"] = data / "dialogs" / DIALOGS_FILE
@@ -229,6 +245,8 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
         files["conversations"] = data / "conversations" / DIALOGS_FILE
     if plan.emphasis:
         files["emphasis"] = data / "conversations-multi" / DIALOGS_FILE
+    if plan.fresh:
+        files["fresh"] = data / "conversations-fresh" / DIALOGS_FILE
     if have.get("spec") == want and all(f.is_file() for f in files.values()):
         _say(f"data: present ({plan.pairs} pairs per modality, {plan.dialogs} dialogs, {varied} refit dialogs)")
         return files
@@ -254,6 +272,11 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
         sampled = sample_conversations(plan.emphasis, TRAIN_SEEDS["emphasis"], scenarios=EMPHASIS)
         write_records(files["emphasis"].parent, sampled, plan.side, outputs=False)
         _say(f"data: {plan.emphasis} conversations weighted to several outputs ({time.perf_counter() - t:.0f} s)")
+    if plan.fresh:
+        t = time.perf_counter()
+        sampled = sample_conversations(plan.fresh, TRAIN_SEEDS["fresh"], scenarios=FRESH)
+        write_records(files["fresh"].parent, sampled, plan.side, outputs=False)
+        _say(f"data: {plan.fresh} fresh conversations, weakest scenarios weighted ({time.perf_counter() - t:.0f} s)")
     state["data"] = {"spec": want, "seconds": round(time.perf_counter() - t0, 1)}
     _save_state(work, state)
     return files
@@ -329,8 +352,10 @@ def run_stage(stage: int, work: Path, plan: Plan, files: dict[str, Path], args, 
         data = [str(files["conversations"])] + ([str(files["varied"])] if "varied" in files else [])
     elif stage == 5:
         data = [str(files["emphasis"])]
-    else:  # 6
+    elif stage == 6:
         data = [str(files["conversations"]), str(files["emphasis"])]
+    else:  # 7
+        data = [str(files["fresh"])]
     init = "none" if stage == 1 else str(work / f"stage{stage - 1}")
     argv = ["--stage", str(min(stage, 3)), "--profile", args.profile]  # stage 4 is stage 3's training on other data
     for d in data:
@@ -679,7 +704,12 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
     if emphasis:
         conv_data += (f"\n- stage 5: {emphasis} conversations (seed {TRAIN_SEEDS['emphasis']}) in which the \"multi\" scenario "
                       "(two or three outputs in one reply) comes four times as often and edits, references, recalls and "
-                      "attachments twice; a reply with several outputs puts each signal group right after the words naming it")  # fmt: skip
+                      "attachments twice; a reply with several outputs puts each signal group right after the words naming it"
+                      "\n- stage 6: stage 4's and stage 5's conversations together, once more")  # fmt: skip
+    fresh = data.get("spec", {}).get("fresh")
+    if fresh:
+        conv_data += (f"\n- stage 7: {fresh} new conversations (seed {TRAIN_SEEDS['fresh']}): references to an earlier output and "
+                      "several outputs in one reply three times as often, recalls, edits and conversions twice")  # fmt: skip
     single = eval_result.get("single", eval_result) if eval_result else None
     dialogs = eval_result.get("dialogs") if eval_result else None
     text = f"""# NExT-GPT `{profile_name}` checkpoint (shapes world)
@@ -753,10 +783,11 @@ def _plan(args) -> Plan:
         plan.dialogs = args.dialogs
     if args.conversations is not None:
         plan.conversations = args.conversations
-    if not plan.conversations:
-        plan.stages.pop(4, None)
-    if not plan.conversations or not plan.emphasis:
-        plan.stages.pop(5, None)
+    # each stage from 4 on continues the one before it: without its data a stage goes, and the ones after it
+    needs = {4: plan.conversations, 5: plan.emphasis, 6: plan.emphasis, 7: plan.fresh}
+    missing = min((s for s, n in needs.items() if not n and s in plan.stages), default=None)
+    for s in [s for s in plan.stages if missing is not None and s >= missing]:
+        plan.stages.pop(s)
     return plan
 
 
