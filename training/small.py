@@ -32,7 +32,8 @@ Steps (every one deterministic, every one skipped when its output is already com
    one reply ×3, recalls, edits and conversions ×2.
    `--bf16`: stages 3-7 in bfloat16 autocast (the trainer's `--mixed-precision bf16`).
 6. refit (`<work>/refit`): the output projectors refitted on the final LLM's states at the signal
-   tokens of the stage-3 dialogs, the pairs, the conversations and extra dialogs whose requests name
+   tokens of the stage-3 dialogs, the pairs, stage 4's and stage 5's conversations (the latter hold
+   the replies with two or three outputs, whose groups the projector otherwise barely saw) and extra dialogs whose requests name
    the output in varied, partial wordings ("draw a blue square"; `write_dialogs(vary_captions=True)`, seed 4).
    The states are cached under `<work>/refit-states` (keyed by the LLM weights and the data), so a
    second refit with other projector settings costs only the fitting.
