@@ -359,11 +359,12 @@ def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: li
                 per.append({"ok": False, "predicted": None})
                 continue
             predicted = {k2: v for k2, v in analyze(spec.modality, files[nth]).items() if k2 not in ("confidence", "details")}
-            keys = list(MAIN_KEYS[spec.modality])
-            changed = truth.get("changed") or []
-            keys += [k for k in ([changed] if isinstance(changed, str) else changed) if k not in keys]
             if truth.get("scored"):  # the script says what the request asked for ("make it move": not a direction)
                 keys = list(truth["scored"])
+            else:  # the modality's main attributes + the edited one
+                keys = list(MAIN_KEYS[spec.modality])
+                changed = truth.get("changed") or []
+                keys += [k for k in ([changed] if isinstance(changed, str) else changed) if k not in keys]
             said = parse_caption(text, spec.modality)
             per.append({"ok": score(spec.modality, predicted, spec.attributes(), keys), "keys": keys, "predicted": predicted,
                         "text_ok": score(spec.modality, said, spec.attributes(), keys)})  # fmt: skip

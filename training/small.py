@@ -479,14 +479,19 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     model = NextGPT.from_profile(profile, settings.cache_path)
     model.llm.eval()
     enc = DialogEncoder(model.tokenizer, model.template, model.system_prompt, plan.stages[last].max_length)
+    def with_outputs(key: str, limit: int | None = None) -> tuple[list, list]:
+        """The dialogs of files[key] that have outputs (the first `limit`), and that file; none when absent or limit 0."""
+        if key not in files or limit == 0:
+            return [], []
+        records = [d for d in load_stage_data(3, [files[key]]) if d.outputs]
+        return records[:limit], [files[key]]
+
     sources = {  # name → (records, the files they come from)
-        "dialogs": ([d for d in load_stage_data(3, [files["dialogs"]]) if d.outputs][: rp.dialogs], [files["dialogs"]]),
+        "dialogs": with_outputs("dialogs", rp.dialogs),
         "pairs": ([p for m in MODALITIES for p in load_stage_data(2, [files[m]])[: rp.pairs]], [files[m] for m in MODALITIES]),
-        "varied": ([d for d in load_stage_data(3, [files["varied"]]) if d.outputs], [files["varied"]]) if "varied" in files else ([], []),
-        "conversations": ([d for d in load_stage_data(3, [files["conversations"]]) if d.outputs][: rp.conversations], [files["conversations"]])
-        if "conversations" in files and rp.conversations else ([], []),
-        "emphasis": ([d for d in load_stage_data(3, [files["emphasis"]]) if d.outputs][: rp.emphasis], [files["emphasis"]])
-        if "emphasis" in files and rp.emphasis else ([], []),
+        "varied": with_outputs("varied"),
+        "conversations": with_outputs("conversations", rp.conversations),
+        "emphasis": with_outputs("emphasis", rp.emphasis),
     }
     cache = TargetCache(_target_dirs(settings, profile, args.targets_dir))
     shapes = {m: (p.query_embs.shape[1], p.model.out_features) for m, p in model.output_projectors.items()}
