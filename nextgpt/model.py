@@ -222,6 +222,24 @@ def repeating_tail(ids: list[int], span: int = 16, max_period: int = 8, repeats:
     return 0
 
 
+def repeated_phrase(ids: list[int], n: int = 5, times: int = 3, ignore=frozenset()) -> int:
+    """n when the reply's last n tokens (none of them in `ignore`, the signal tokens) are a phrase it has
+    now said `times` times, the copies apart, else 0: a loop whose period holds other words or a signal
+    group ("a green circle moving up[VID…], a green circle moving up[VID…], a picture of a green circle
+    moving up …"), which `repeating_tail` cannot see. A reply that names one thing twice passes."""
+    if len(ids) < n * times or any(t in ignore for t in ids[-n:]):
+        return 0
+    phrase, seen, i = ids[-n:], 1, len(ids) - 2 * n - 1  # copies apart: a loop of one piece is repeating_tail's
+    while i >= 0:
+        if ids[i : i + n] == phrase:
+            seen, i = seen + 1, i - n - 1
+            if seen == times:
+                return n
+        else:
+            i -= 1
+    return 0
+
+
 class NextGPT(nn.Module):
     def __init__(self, llm, tokenizer, encoder, input_proj, output_projectors, *, template, system_prompt=None):
         super().__init__()
@@ -412,7 +430,7 @@ class NextGPT(nn.Module):
             logits, state = self._feed(run, next_id)
             ids.append(next_id)
             states.append(state)
-            if not forced and next_id not in self.all_signal_ids and (loop := repeating_tail(ids)):
+            if not forced and next_id not in self.all_signal_ids and (loop := repeating_tail(ids) or repeated_phrase(ids, ignore=self.all_signal_ids)):
                 # a reply that loops ("fivefivefive…") stops now instead of running to the token limit:
                 # one copy of the repeated piece is kept, the rest is cut off the tokens and the cache
                 keep = len(ids) - loop

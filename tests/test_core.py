@@ -288,6 +288,23 @@ def test_repeating_tail_finds_loops_not_ordinary_repetition():
     assert repeating_tail(list(range(40))) == 0
 
 
+def test_repeated_phrase_finds_loops_through_signal_groups():
+    """The session-8 eval's one reply at the token limit: a phrase said a third time, with signal groups and
+    other words between the copies (no fixed period). Naming a thing twice is not a loop."""
+    from nextgpt.model import repeated_phrase
+
+    vid = list(range(100, 124))  # a 24-token signal group
+    phrase = [7, 8, 9, 10, 11]  # "a green circle moving up"
+    looping = [1, 2, 3] + phrase + vid + [5] + phrase + vid + [5, 20, 21] + phrase
+    assert repeated_phrase(looping, ignore=set(vid)) == 5  # the third copy goes
+    assert repeated_phrase(looping[:-1], ignore=set(vid)) == 0  # not yet
+    assert repeated_phrase([1, 2] + phrase + vid + [30] + phrase, ignore=set(vid)) == 0  # twice: "… and a green circle moving up"
+    assert repeated_phrase(looping + vid, ignore=set(vid)) == 0  # the window ends in a signal group: nothing to cut
+    assert repeated_phrase([4, 9] * 8) == 0  # overlapping or touching copies do not count (repeating_tail's case)
+    assert repeated_phrase([4, 9] * 9) == 5
+    assert repeated_phrase([5] * 16) == 0 and repeated_phrase([5] * 17) == 5  # after repeating_tail's 16
+
+
 def test_a_caller_stop_string_ends_generation_early(tiny_model):
     """`stop` ends the reply when the string is generated, not after max_new_tokens (an API caller's stop)."""
     tok = tiny_model.tokenizer
