@@ -327,3 +327,30 @@ def test_target_cache_shards(tmp_path):
     assert torch.equal(again.get("image", caps[4]), torch.full((3, 2), float(len(caps[4]))))
     with pytest.raises(KeyError, match="no precomputed"):
         again.get("image", "unknown")
+
+
+def test_epoch_sampler_groups_batches_by_length():
+    """--group-by-length: every example once per epoch, the same order for the same (seed, epoch), batches
+    of similar length (far less padding than a random draw), and a short last batch stays last."""
+    from training.trainer.trainer import EpochSampler
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(40, 440, (203,), generator=g).tolist()
+    bs = 8
+
+    def padded(order):
+        batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    plain = EpochSampler(len(lengths), seed=3)
+    grouped = EpochSampler(len(lengths), seed=3, lengths=lengths, batch_size=bs, group=8)
+    order = list(grouped)
+    assert sorted(order) == list(range(len(lengths)))
+    assert order == list(EpochSampler(len(lengths), seed=3, lengths=lengths, batch_size=bs, group=8))
+    grouped.use_epoch(1)
+    assert list(grouped) != order  # another epoch, another order
+    assert padded(order) < 0.8 * padded(list(plain))
+    assert padded(order) < 1.15 * sum(lengths)
+    tail = order[-(len(lengths) % bs) :]  # 203 = 25 × 8 + 3: the three of the short batch come last, together
+    assert len(tail) == 3 and sorted(tail, key=lengths.__getitem__) == tail
+    assert list(EpochSampler(len(lengths), seed=3, lengths=lengths, batch_size=bs, group=0)) == list(plain)  # off: unchanged

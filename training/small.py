@@ -109,6 +109,7 @@ class Plan:
     emphasis: int = 0  # stage 5 (conversations weighted to several outputs in one reply)
     fresh: int = 0  # stage 7 (new conversations weighted to the weakest scenarios)
     fresh2: int = 0  # stage 8 (new conversations weighted to the scenarios still weakest after stage 7)
+    group_by_length: int = 8  # stages 3-8: batches of similar length, sorted within windows of 8 batches (less padding)
 
 
 STAGE_NAMES = {1: "encoding-side alignment (pairs)", 2: "decoding-side alignment (captions)", 3: "instruction tuning (dialogs, LoRA)",
@@ -394,7 +395,7 @@ def run_stage(stage: int, work: Path, plan: Plan, files: dict[str, Path], args, 
         "--targets", args.targets_dir, *sp.extra,
     ]  # fmt: skip
     if stage >= 3:
-        argv += ["--lora-r", str(plan.lora_r), "--lora-alpha", str(plan.lora_alpha)]
+        argv += ["--lora-r", str(plan.lora_r), "--lora-alpha", str(plan.lora_alpha), "--group-by-length", str(plan.group_by_length)]
         if args.bf16:
             argv += ["--mixed-precision", "bf16"]
     if args.config:

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=int, default=10, help="warmup steps (then linear decay to 0)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="0 = off")
     g.add_argument("--max-length", type=int, default=512)
+    g.add_argument("--group-by-length", type=int, default=0, metavar="N",
+                   help="batches of similar length, sorted within windows of N batches (less padding; default 0 = off)")  # fmt: skip
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--save-every", type=int, help="also checkpoint every N steps")
     g.add_argument("--log-every", type=int, default=10)
@@ -233,7 +235,7 @@ def _train(args) -> int:
         cfg = TrainConfig(
             stage=args.stage, output_dir=output, train=args.train, max_steps=args.steps, epochs=args.epochs,
             batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
-            warmup_steps=args.warmup, grad_clip=args.grad_clip or None, max_length=args.max_length,
+            warmup_steps=args.warmup, grad_clip=args.grad_clip or None, max_length=args.max_length, group_by_length=args.group_by_length,
             lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
             lora_targets=tuple(args.lora_targets), loss_scale=args.loss_scale, save_every=args.save_every,
             log_every=args.log_every, seed=args.seed, progress=not args.no_progress, resume=args.resume,

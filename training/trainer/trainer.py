@@ -85,6 +85,7 @@ class TrainConfig:
     warmup_steps: int = 10
     grad_clip: float | None = 1.0
     max_length: int = 512
+    group_by_length: int = 0  # > 0: batches of similar length, sorted within windows of this many batches (EpochSampler)
     lora_r: int = 32
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1
@@ -168,10 +169,17 @@ def make_accelerator(grad_accum: int = 1, mixed_precision: str | None = None, cp
 class EpochSampler(torch.utils.data.Sampler):
     """A permutation per epoch, a function of (seed, epoch) only, identical on every process
     (accelerate then hands each process its share of the batches). The epoch is set by the
-    trainer (`use_epoch`), not by accelerate, so that resuming mid-epoch replays the same order."""
+    trainer (`use_epoch`), not by accelerate, so that resuming mid-epoch replays the same order.
 
-    def __init__(self, n: int, seed: int):
+    With `lengths` and `group` > 0, batches are of similar length (as transformers' `group_by_length`):
+    each window of `group` × `batch_size` examples of the permutation is sorted by length and cut into
+    batches, and the batches are shuffled; a batch is then padded to about its own examples' length
+    instead of the longest of a random draw.
+    Every example is still seen once per epoch; a short last batch stays last."""
+
+    def __init__(self, n: int, seed: int, lengths: Sequence[int] | None = None, batch_size: int = 1, group: int = 0):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.lengths, self.batch_size, self.group = lengths, batch_size, group
 
     def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -181,7 +189,17 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        if not self.group or self.lengths is None:
+            return iter(order)
+        window, bs = self.group * self.batch_size, self.batch_size
+        batches = []
+        for w in range(0, self.n, window):
+            part = sorted(order[w : w + window], key=self.lengths.__getitem__)
+            batches += [part[i : i + bs] for i in range(0, len(part), bs)]
+        short = [b for b in batches if len(b) < bs]
+        full = [b for b in batches if len(b) == bs]
+        return iter([i for k in torch.randperm(len(full), generator=g).tolist() for i in full[k]] + [i for b in short for i in b])
 
 
 class Progress:
@@ -532,7 +550,7 @@ class Trainer:
             media_fn = MediaCache(self.model.encoder.encode)
         shapes = {m: (p.query_embs.shape[1], p.model.out_features) for m, p in self.model.output_projectors.items()}
         collator = Collator(self.model.tokenizer.pad_token_id or 0, self.model.input_proj.in_features, shapes, media_fn, target_fn)
-        sampler = EpochSampler(len(examples), cfg.seed)
+        sampler = EpochSampler(len(examples), cfg.seed, [len(e.input_ids) for e in examples], cfg.batch_size, cfg.group_by_length)
         loader = torch.utils.data.DataLoader(examples, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator)
 
         decay = [p for p in self.params if p.ndim >= 2]
