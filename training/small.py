@@ -30,10 +30,7 @@ Steps (every one deterministic, every one skipped when its output is already com
    Stage 7 (`<work>/stage7`, from stage 6): fresh conversations (seed 7, none seen before) weighted to
    the scenarios still weakest after stage 6: references to an earlier output and several outputs in
    one reply ×3, recalls, edits and conversions ×2.
-   Stage 8 (`<work>/stage8`, from stage 7): fresh conversations again (seed 8) weighted to the scenarios
-   still weakest after stage 7: recalls, several outputs and references ×3, questions and requests after
-   chit-chat ×2.
-   `--bf16`: stages 3-8 in bfloat16 autocast (the trainer's `--mixed-precision bf16`).
+   `--bf16`: stages 3-7 in bfloat16 autocast (the trainer's `--mixed-precision bf16`).
 6. refit (`<work>/refit`): the output projectors refitted on the final LLM's states at the signal
    tokens of the stage-3 dialogs, the pairs, stage 4's and stage 5's conversations (the latter hold
    the replies with two or three outputs, whose groups the projector otherwise barely saw) and extra dialogs whose requests name
@@ -71,7 +68,7 @@ from pathlib import Path
 PROG = "python -m training.small"
 STATE_FILE = "state.json"
 DATA_FORMAT = 3  # 3: + training-only request wordings (W_TRAIN); 2: a reply with several outputs puts each signal group after the words naming it (1: all at the end)
-TRAIN_SEEDS = {"pairs": 1, "dialogs": 2, "refit_dialogs": 4, "conversations": 5, "emphasis": 6, "fresh": 7, "fresh2": 8}
+TRAIN_SEEDS = {"pairs": 1, "dialogs": 2, "refit_dialogs": 4, "conversations": 5, "emphasis": 6, "fresh": 7}
 # stage 5's conversations: every scenario, "multi" (two or three outputs in one reply) four times as often,
 # the ones the eval found weakest after stage 4 (edit, refer, recall, attach) twice
 EMPHASIS = ("multi", "multi", "multi", "multi", "edit", "edit", "refer", "refer", "recall", "recall", "attach", "attach",
@@ -79,11 +76,6 @@ EMPHASIS = ("multi", "multi", "multi", "multi", "edit", "edit", "refer", "refer"
 # stage 7's fresh conversations: the scenarios the eval found weakest after stage 6 (refer 60, multi 35, recall 70 %)
 FRESH = ("refer", "refer", "refer", "multi", "multi", "multi", "recall", "recall", "edit", "edit", "convert", "convert",
          "attach", "ask", "chat-create")
-# stage 8's conversations (seed 8): the scenarios still under 90 % after stage 7 (recall 65, multi 60, refer 75,
-# ask 85, chat-create 85 %) — "ask" replies that made media instead of answering, recalls that named an attribute
-# nobody had made
-FRESH2 = ("recall", "recall", "recall", "multi", "multi", "multi", "refer", "refer", "refer", "ask", "ask",
-          "chat-create", "chat-create", "edit", "convert", "attach")
 
 
 @dataclass
@@ -108,16 +100,14 @@ class Plan:
     conversations: int = 0  # stage 4 (multi-turn conversations)
     emphasis: int = 0  # stage 5 (conversations weighted to several outputs in one reply)
     fresh: int = 0  # stage 7 (new conversations weighted to the weakest scenarios)
-    fresh2: int = 0  # stage 8 (new conversations weighted to the scenarios still weakest after stage 7)
-    group_by_length: int = 8  # stages 3-8: batches of similar length, sorted within windows of 8 batches (less padding)
+    group_by_length: int = 8  # stages 3-7: batches of similar length, sorted within windows of 8 batches (less padding)
 
 
 STAGE_NAMES = {1: "encoding-side alignment (pairs)", 2: "decoding-side alignment (captions)", 3: "instruction tuning (dialogs, LoRA)",
                4: "conversation tuning (multi-turn, LoRA continued)", 5: "several outputs in one reply (conversations, LoRA continued)",
                6: "conversations again (stage 4's and 5's together, LoRA continued)",
-               7: "fresh conversations, weakest scenarios weighted (LoRA continued)",
-               8: "fresh conversations again, the scenarios weakest after stage 7 weighted (LoRA continued)"}  # fmt: skip
-LLM_STAGES = (1, 2, 3, 4, 5, 6, 7, 8)
+               7: "fresh conversations, weakest scenarios weighted (LoRA continued)"}  # fmt: skip
+LLM_STAGES = (1, 2, 3, 4, 5, 6, 7)
 
 
 FULL = Plan(
@@ -144,13 +134,10 @@ FULL = Plan(
         # after stage 6: refer 60, multi 35, recall 70 % — and stages 4-6 had seen their conversations twice;
         # new ones (seed 7), the weakest scenarios weighted (FRESH)
         7: StagePlan(steps=200, batch_size=8, lr=3e-4, max_length=448, save_every=20, warmup=5, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
-        # after stage 7: recall 65, multi 60, refer 75, ask and chat-create 85 %; new ones again (seed 8, FRESH2)
-        8: StagePlan(steps=200, batch_size=8, lr=3e-4, max_length=448, save_every=20, warmup=5, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
     },
     conversations=2400,
     emphasis=1200,
     fresh=1600,
-    fresh2=1600,
 )
 SMOKE = Plan(
     pairs=4,
@@ -164,12 +151,10 @@ SMOKE = Plan(
         5: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
         6: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
         7: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
-        8: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
     },
     conversations=4,
     emphasis=4,
     fresh=4,
-    fresh2=4,
     lora_r=4,
     lora_alpha=8.0,
 )
@@ -190,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (also the default: finished steps are always skipped)")
     p.add_argument("--restart", action="store_true", help="start the stages over (the data is kept)")
     p.add_argument("--smoke", action="store_true", help="tiny version for CI (use with --profile tiny)")
-    p.add_argument("--stages", default="1,2,3,4,5,6,7,8", help="which stages to run (default 1,2,3,4,5,6,7,8); the others must be complete if needed")
-    p.add_argument("--steps", metavar="S1,...,S8", help="override the step counts")
-    p.add_argument("--lr", metavar="L1,...,L8", help="override the peak learning rates")
+    p.add_argument("--stages", default="1,2,3,4,5,6,7", help="which stages to run (default 1,2,3,4,5,6,7); the others must be complete if needed")
+    p.add_argument("--steps", metavar="S1,...,S7", help="override the step counts")
+    p.add_argument("--lr", metavar="L1,...,L7", help="override the peak learning rates")
     p.add_argument("--bf16", action="store_true",
                    help="stages 3-7 in bfloat16 autocast (on a CPU with AMX, as this project's: ~1.3x faster a step; "
                         "CPUs without bf16 units emulate it, slower)")  # fmt: skip
@@ -253,8 +238,6 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
         want["emphasis"] = plan.emphasis
     if plan.fresh:
         want["fresh"] = plan.fresh
-    if plan.fresh2:
-        want["fresh2"] = plan.fresh2
     have = state.get("data", {})
     files = {m: pairs_json_path(data / "pairs", m) for m in MODALITIES}
     files["dialogs"] = data / "dialogs" / DIALOGS_FILE
@@ -266,8 +249,6 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
         files["emphasis"] = data / "conversations-multi" / DIALOGS_FILE
     if plan.fresh:
         files["fresh"] = data / "conversations-fresh" / DIALOGS_FILE
-    if plan.fresh2:
-        files["fresh2"] = data / "conversations-fresh2" / DIALOGS_FILE
     if have.get("spec") == want and all(f.is_file() for f in files.values()):
         _say(f"data: present ({plan.pairs} pairs per modality, {plan.dialogs} dialogs, {varied} refit dialogs)")
         return files
@@ -298,11 +279,6 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
         sampled = sample_conversations(plan.fresh, TRAIN_SEEDS["fresh"], scenarios=FRESH)
         write_records(files["fresh"].parent, sampled, plan.side, outputs=False)
         _say(f"data: {plan.fresh} fresh conversations, weakest scenarios weighted ({time.perf_counter() - t:.0f} s)")
-    if plan.fresh2:
-        t = time.perf_counter()
-        sampled = sample_conversations(plan.fresh2, TRAIN_SEEDS["fresh2"], scenarios=FRESH2)
-        write_records(files["fresh2"].parent, sampled, plan.side, outputs=False)
-        _say(f"data: {plan.fresh2} more fresh conversations, the scenarios weakest after stage 7 weighted ({time.perf_counter() - t:.0f} s)")
     state["data"] = {"spec": want, "seconds": round(time.perf_counter() - t0, 1)}
     _save_state(work, state)
     return files
@@ -380,10 +356,8 @@ def run_stage(stage: int, work: Path, plan: Plan, files: dict[str, Path], args, 
         data = [str(files["emphasis"])]
     elif stage == 6:
         data = [str(files["conversations"]), str(files["emphasis"])]
-    elif stage == 7:
+    else:  # 7
         data = [str(files["fresh"])]
-    else:  # 8
-        data = [str(files["fresh2"])]
     init = "none" if stage == 1 else str(work / f"stage{stage - 1}")
     argv = ["--stage", str(min(stage, 3)), "--profile", args.profile]  # stage 4 is stage 3's training on other data
     for d in data:
@@ -743,10 +717,6 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
     if fresh:
         conv_data += (f"\n- stage 7: {fresh} new conversations (seed {TRAIN_SEEDS['fresh']}): references to an earlier output and "
                       "several outputs in one reply three times as often, recalls, edits and conversions twice")  # fmt: skip
-    fresh2 = data.get("spec", {}).get("fresh2")
-    if fresh2:
-        conv_data += (f"\n- stage 8: {fresh2} more new conversations (seed {TRAIN_SEEDS['fresh2']}): recalls, several outputs in one "
-                      "reply and references three times as often, questions about an output and requests after chit-chat twice")  # fmt: skip
     single = eval_result.get("single", eval_result) if eval_result else None
     dialogs = eval_result.get("dialogs") if eval_result else None
     text = f"""# NExT-GPT `{profile_name}` checkpoint (shapes world)
@@ -821,7 +791,7 @@ def _plan(args) -> Plan:
     if args.conversations is not None:
         plan.conversations = args.conversations
     # each stage from 4 on continues the one before it: without its data a stage goes, and the ones after it
-    needs = {4: plan.conversations, 5: plan.emphasis, 6: plan.emphasis, 7: plan.fresh, 8: plan.fresh2}
+    needs = {4: plan.conversations, 5: plan.emphasis, 6: plan.emphasis, 7: plan.fresh}
     missing = min((s for s, n in needs.items() if not n and s in plan.stages), default=None)
     for s in [s for s in plan.stages if missing is not None and s >= missing]:
         plan.stages.pop(s)
