@@ -354,3 +354,8 @@ def test_epoch_sampler_groups_batches_by_length():
     tail = order[-(len(lengths) % bs) :]  # 203 = 25 × 8 + 3: the three of the short batch come last, together
     assert len(tail) == 3 and sorted(tail, key=lengths.__getitem__) == tail
     assert list(EpochSampler(len(lengths), seed=3, lengths=lengths, batch_size=bs, group=0)) == list(plain)  # off: unchanged
+
+    from training.trainer.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match="group_by_length"):
+        TrainConfig(stage=3, output_dir="unused", group_by_length=-1)

@@ -122,6 +122,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length", "lora_r", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.group_by_length < 0:
+            raise ValueError("group_by_length must be 0 (off) or a number of batches")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("max_steps must be at least 1")
         if self.save_every is not None and self.save_every < 1:
