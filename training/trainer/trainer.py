@@ -199,9 +199,8 @@ class EpochSampler(torch.utils.data.Sampler):
         for w in range(0, self.n, window):
             part = sorted(order[w : w + window], key=self.lengths.__getitem__)
             batches += [part[i : i + bs] for i in range(0, len(part), bs)]
-        short = [b for b in batches if len(b) < bs]
-        full = [b for b in batches if len(b) == bs]
-        return iter([i for k in torch.randperm(len(full), generator=g).tolist() for i in full[k]] + [i for b in short for i in b])
+        short = batches.pop() if batches and len(batches[-1]) < bs else []  # only the last window can end short
+        return iter([i for k in torch.randperm(len(batches), generator=g).tolist() for i in batches[k]] + short)
 
 
 class Progress:
