@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dialogs", type=int, help="override the number of dialogs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's `threads` / torch's)")
     p.add_argument("--no-refit", action="store_true", help="skip the projector refit after stage 3")
-    p.add_argument("--refit", metavar="DIALOGS,PAIRS,STEPS,VARIED,CONVERSATIONS,EMPHASIS", help="override the refit sizes (empty fields keep the plan's)")
+    p.add_argument("--refit", metavar="DIALOGS,PAIRS,STEPS,VARIED,CONVERSATIONS,EMPHASIS,FRESH", help="override the refit sizes (empty fields keep the plan's)")
     p.add_argument("--publish-partial", action="store_true",
                    help="publish the latest saved checkpoint (of the furthest stage) to --out without training")  # fmt: skip
     p.add_argument("--eval", type=int, default=0, metavar="N", help="after publishing, evaluate N prompts per direction into the card")
@@ -435,13 +435,14 @@ class RefitPlan:
     varied: int = 0  # extra dialogs whose requests name the output in varied, partial wordings (make_data)
     conversations: int = 0  # multi-turn conversations (stage 4's data) whose outputs are used
     emphasis: int = 0  # stage 5's conversations (replies with two or three outputs ×4) whose outputs are used
+    fresh: int = 0  # stage 7's conversations (refer / multi / recall weighted) whose outputs are used
     batch_size: int = 32
     lr: float = 1e-3
     forward_batch: int = 16
 
 
-REFIT_FULL = RefitPlan(dialogs=900, pairs=600, steps=5000, varied=1500, batch_size=64, conversations=1500, emphasis=1200)  # ≈ 0.05 s a step (d_model 128); the dialogs bring varied reply wording
-REFIT_SMOKE = RefitPlan(dialogs=4, pairs=2, steps=3, varied=4, batch_size=4, forward_batch=4, conversations=4, emphasis=4)
+REFIT_FULL = RefitPlan(dialogs=900, pairs=600, steps=5000, varied=1500, batch_size=64, conversations=1500, emphasis=1200, fresh=1600)  # ≈ 0.05 s a step (d_model 128); the dialogs bring varied reply wording
+REFIT_SMOKE = RefitPlan(dialogs=4, pairs=2, steps=3, varied=4, batch_size=4, forward_batch=4, conversations=4, emphasis=4, fresh=4)
 
 
 def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Path], args, state: dict) -> Path:
@@ -493,6 +494,7 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
         "varied": with_outputs("varied"),
         "conversations": with_outputs("conversations", rp.conversations),
         "emphasis": with_outputs("emphasis", rp.emphasis),
+        "fresh": with_outputs("fresh", rp.fresh),
     }
     cache = TargetCache(_target_dirs(settings, profile, args.targets_dir))
     shapes = {m: (p.query_embs.shape[1], p.model.out_features) for m, p in model.output_projectors.items()}
@@ -803,7 +805,7 @@ def _refit_plan(args) -> RefitPlan:
 
     rp = copy.deepcopy(REFIT_SMOKE if args.smoke else REFIT_FULL)
     if args.refit:
-        for name, v in zip(("dialogs", "pairs", "steps", "varied", "conversations", "emphasis"), args.refit.split(",")):
+        for name, v in zip(("dialogs", "pairs", "steps", "varied", "conversations", "emphasis", "fresh"), args.refit.split(",")):
             if v.strip():
                 setattr(rp, name, int(v))
     return rp
