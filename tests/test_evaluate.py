@@ -119,9 +119,10 @@ def test_train_small_smoke(tmp_path, monkeypatch):
     assert ck.meta["refit"]["examples"]["varied"] > 0  # the dialogs with varied request wordings are used
     assert ck.meta["refit"]["examples"]["conversations"] > 0  # and the multi-turn conversations
     assert ck.meta["refit"]["examples"]["emphasis"] > 0  # and stage 5's (several outputs in one reply)
+    assert ck.meta["refit"]["examples"]["fresh"] > 0  # and stage 7's (references to earlier outputs weighted)
     assert ck.meta["init"].endswith("stage6")  # stage 7 continues stage 6, which continues 5, 4 and 3
     cached = sorted((work / "refit-states").glob("*.safetensors"))
-    assert [f.name.split("-")[0] for f in cached] == ["conversations", "dialogs", "emphasis", "pairs", "varied"]
+    assert [f.name.split("-")[0] for f in cached] == ["conversations", "dialogs", "emphasis", "fresh", "pairs", "varied"]
     assert (work / "data" / "conversations-multi" / "dialogs.json").is_file()  # stage 5's data
     assert (work / "data" / "conversations-fresh" / "dialogs.json").is_file()  # stage 7's
     card = (out / "README.md").read_text()

@@ -32,7 +32,7 @@ Steps (every one deterministic, every one skipped when its output is already com
    one reply ×3, recalls, edits and conversions ×2.
    `--bf16`: stages 3-7 in bfloat16 autocast (the trainer's `--mixed-precision bf16`).
 6. refit (`<work>/refit`): the output projectors refitted on the final LLM's states at the signal
-   tokens of the stage-3 dialogs, the pairs, stage 4's and stage 5's conversations (the latter hold
+   tokens of the stage-3 dialogs, the pairs, stage 4's, 5's and 7's conversations (5's hold
    the replies with two or three outputs, whose groups the projector otherwise barely saw) and extra dialogs whose requests name
    the output in varied, partial wordings ("draw a blue square"; `write_dialogs(vary_captions=True)`, seed 4).
    The states are cached under `<work>/refit-states` (keyed by the LLM weights and the data), so a
@@ -693,7 +693,7 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
                  for m, r in refit.get("report", {}).items()]  # fmt: skip
         refit_text = (
             f"Projector refit on the final LLM's signal states: {refit['dialogs']} stage-3 dialogs + {refit.get('varied', 0)} dialogs with "
-            f"varied, partial request wordings + {refit.get('conversations', 0)} multi-turn conversations + {refit.get('emphasis', 0)} conversations weighted to several outputs + {refit['pairs']} pairs per modality, "
+            f"varied, partial request wordings + {refit.get('conversations', 0)} multi-turn conversations + {refit.get('emphasis', 0)} conversations weighted to several outputs + {refit.get('fresh', 0)} of stage 7's conversations + {refit['pairs']} pairs per modality, "
             f"{refit['steps']} steps × batch {refit['batch_size']}, lr {refit['lr']:g}; {refit['seconds'] / 60:.1f} min "
             f"({refit['states_seconds'] / 60:.1f} of them computing the states). Held-out L2 (per query token):\n\n"
             "| modality | groups | before | after | predicting the mean |\n|---|---|---|---|---|\n" + "\n".join(lines)
