@@ -339,7 +339,17 @@ def build_dialog_cases(n: int, seed: int, media_dir: Path, side: int = 64, scena
     return cases
 
 
-def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: list[tuple[str, Path]], finish: str) -> dict:
+def _words_per_output(trace: str, n: int) -> list[str] | None:
+    """The words before each of a reply's `n` signal groups ("a red circle [IMG0]..[IMG3] and a high beep
+    [AUD0]..[AUD7]" → ["a red circle ", " and a high beep "]); None when the trace has another number of groups."""
+    import re
+
+    parts = re.split(r"(?:\s*\[(?:IMG|VID|AUD)\d+\])+", trace)
+    return parts[:n] if len(parts) - 1 == n else None
+
+
+def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: list[tuple[str, Path]], finish: str,
+                      trace: str | None = None) -> dict:
     """The last turn against the script: media turns — each asked output present, in the order asked,
     its main attributes (and the edited one) right in the decoded file; question turns — the answer
     word in the text and no media."""
@@ -352,6 +362,9 @@ def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: li
         r["asked"] = [s.modality for s in specs]
         r["order_ok"] = signals == r["asked"]
         per = []
+        # with several outputs, each one's words are those before its own signal group (a reply's groups follow the
+        # words naming them); the first thing named would otherwise be read for every output
+        own = _words_per_output(trace, len(specs)) if trace is not None and len(specs) > 1 else None
         for k, spec in enumerate(specs):
             files = [p for m, p in media if m == spec.modality]
             nth = sum(1 for s in specs[:k] if s.modality == spec.modality)
@@ -365,7 +378,7 @@ def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: li
                 keys = list(MAIN_KEYS[spec.modality])
                 changed = truth.get("changed") or []
                 keys += [k for k in ([changed] if isinstance(changed, str) else changed) if k not in keys]
-            said = parse_caption(text, spec.modality)
+            said = parse_caption(own[k] if own else text, spec.modality)
             per.append({"ok": score(spec.modality, predicted, spec.attributes(), keys), "keys": keys, "predicted": predicted,
                         "text_ok": score(spec.modality, said, spec.attributes(), keys)})  # fmt: skip
         r["outputs"] = per
@@ -429,7 +442,7 @@ def evaluate_dialogs(settings, profile=None, *, n: int = 20, seed: int = 12345, 
                     media += [(s.modality, f.path) for f in files]
                 except Exception as e:  # noqa: BLE001 - a failed decoder is a wrong answer, not a crash
                     failures.append(f"{s.modality}: {type(e).__name__}: {e}")
-            case.result = score_dialog_turn(case, reply.text, [s.modality for s in reply.signals], media, reply.finish_reason)
+            case.result = score_dialog_turn(case, reply.text, [s.modality for s in reply.signals], media, reply.finish_reason, reply.trace)
             if failures:
                 case.result["failures"] = failures
             if long_turns:
