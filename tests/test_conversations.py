@@ -184,16 +184,14 @@ def test_dialog_scoring_checks_attributes_order_and_answers(rendered):
     two = DialogCase("multi", [{"from": "human", "value": "draw a red circle and a blue circle"},
                                {"from": "gpt", "value": "", "outputs": [red, blue], "captions": ["a red circle", "a blue circle"]}])  # fmt: skip
     pics = [("image", rendered["red-circle"]), ("image", rendered["blue-circle"])]
-    group = "".join(f"[IMG{i}]" for i in range(4))
-    trace = f"Here is a red circle {group} and a blue circle. {group}"
     text = "Here is a red circle and a blue circle."
-    scored = score_dialog_turn(two, text, ["image", "image"], pics, "eos", trace)
+    scored = score_dialog_turn(two, text, ["image", "image"], pics, "eos", ["Here is a red circle", " and a blue circle."])
     assert scored["ok"] and scored["text_ok"] and [o["text_ok"] for o in scored["outputs"]] == [True, True]
     swapped = score_dialog_turn(two, "Here is a blue circle and a red circle.", ["image", "image"], pics, "eos",
-                                f"Here is a blue circle {group} and a red circle. {group}")  # fmt: skip
+                                ["Here is a blue circle", " and a red circle."])  # fmt: skip
     assert [o["text_ok"] for o in swapped["outputs"]] == [False, False]
-    assert not score_dialog_turn(two, text, ["image", "image"], pics, "eos")["text_ok"]  # without the trace: the first thing named for both
-    assert not score_dialog_turn(two, text, ["image"], pics[:1], "eos", f"Here is a red circle {group} and a blue circle.")["text_ok"]
+    assert not score_dialog_turn(two, text, ["image", "image"], pics, "eos")["text_ok"]  # without the words: the first thing named for both
+    assert not score_dialog_turn(two, text, ["image"], pics[:1], "eos", ["Here is a red circle"])["text_ok"]
 
     recall = DialogCase("recall", [{"from": "human", "value": "what colour was the first circle?"},
                                    {"from": "gpt", "value": "It was red.", "answer": {"colour": "red"}}])  # fmt: skip

@@ -339,20 +339,12 @@ def build_dialog_cases(n: int, seed: int, media_dir: Path, side: int = 64, scena
     return cases
 
 
-def _words_per_output(trace: str, n: int) -> list[str] | None:
-    """The words before each of a reply's `n` signal groups ("a red circle [IMG0]..[IMG3] and a high beep
-    [AUD0]..[AUD7]" → ["a red circle ", " and a high beep "]); None when the trace has another number of groups."""
-    import re
-
-    parts = re.split(r"(?:\s*\[(?:IMG|VID|AUD)\d+\])+", trace)
-    return parts[:n] if len(parts) - 1 == n else None
-
-
 def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: list[tuple[str, Path]], finish: str,
-                      trace: str | None = None) -> dict:
+                      words: list[str] | None = None) -> dict:
     """The last turn against the script: media turns — each asked output present, in the order asked,
     its main attributes (and the edited one) right in the decoded file; question turns — the answer
-    word in the text and no media."""
+    word in the text and no media. `words`: the reply's text before each of its signal groups (with several
+    outputs, each one's words are read there)."""
     from training.world.analyze import analyze, parse_caption, score
 
     truth = case.turns[-1]
@@ -364,7 +356,7 @@ def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: li
         per = []
         # with several outputs, each one's words are those before its own signal group (a reply's groups follow the
         # words naming them); the first thing named would otherwise be read for every output
-        own = _words_per_output(trace, len(specs)) if trace is not None and len(specs) > 1 else None
+        own = words if words is not None and len(specs) > 1 and len(words) == len(specs) else None
         for k, spec in enumerate(specs):
             files = [p for m, p in media if m == spec.modality]
             nth = sum(1 for s in specs[:k] if s.modality == spec.modality)
@@ -442,7 +434,9 @@ def evaluate_dialogs(settings, profile=None, *, n: int = 20, seed: int = 12345, 
                     media += [(s.modality, f.path) for f in files]
                 except Exception as e:  # noqa: BLE001 - a failed decoder is a wrong answer, not a crash
                     failures.append(f"{s.modality}: {type(e).__name__}: {e}")
-            case.result = score_dialog_turn(case, reply.text, [s.modality for s in reply.signals], media, reply.finish_reason, reply.trace)
+            starts = [0] + [s.position for s in reply.signals]  # each group's words follow the group before it
+            words = [model._text(reply.token_ids[a : s.position]) for a, s in zip(starts, reply.signals)]
+            case.result = score_dialog_turn(case, reply.text, [s.modality for s in reply.signals], media, reply.finish_reason, words)
             if failures:
                 case.result["failures"] = failures
             if long_turns:
