@@ -131,9 +131,14 @@ def _setup_quiet_logging(data_dir: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------ model loading
-def _quiet_progress_bars() -> None:
+def _quiet_progress_bars(assistant) -> None:
     """transformers' tqdm bars (e.g. "Loading weights") would scribble over the prompt (the decoder
-    tools silence diffusers' bars themselves while a pipeline loads: tools/base.py)."""
+    tools silence diffusers' bars themselves while a pipeline loads: tools/base.py). Only on the
+    transformers backend: the llama.cpp one starts without importing transformers (~1 s saved; its
+    first-start build silences the libraries itself: nextgpt/llama_backend.py)."""
+    profile = getattr(assistant, "profile", None)
+    if profile is not None and profile.llm.backend != "transformers":
+        return
     try:
         from transformers.utils import logging as hf_logging
 
@@ -161,7 +166,7 @@ class _Loader:
 
     def _load(self) -> None:
         try:
-            _quiet_progress_bars()
+            _quiet_progress_bars(self.assistant)
             self.assistant.model
         except BaseException as e:  # reported on the next message, as one line
             log.warning("model load failed", exc_info=True)

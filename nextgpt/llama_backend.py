@@ -380,17 +380,18 @@ class _TextConfig:
 
 
 def load_tokenizer(folder: Path):
-    """The prepared tokenizer. A plain `tokenizer.json` one (SmolLM2's: "TokenizersBackend") is built by
-    its class directly: `AutoTokenizer`'s first use indexes every model family transformers ships
-    (~1.1 s of a chat start, measured); any other class goes through AutoTokenizer as before."""
+    """The prepared tokenizer. A plain `tokenizer.json` one (SmolLM2's: "TokenizersBackend") is read by
+    `nextgpt.tokenizer.Tokenizer`, on the `tokenizers` library alone: importing transformers would cost
+    ~0.7-1.3 s of every chat start; any other class goes through transformers' AutoTokenizer."""
     cls = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
     if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+        from nextgpt.tokenizer import Tokenizer
 
-        return TokenizersBackend.from_pretrained(folder)
+        return Tokenizer(folder)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder)
+    with quiet_libraries():
+        return AutoTokenizer.from_pretrained(folder)
 
 
 class EmbeddingsOnly(nn.Module):
@@ -422,8 +423,7 @@ class LlamaCppNextGPT(NextGPT):
         folder = prepare(profile, cache_dir)
         meta = json.loads((folder / META_FILE).read_text())
         parts = load_file(str(folder / PARTS_FILE))
-        with quiet_libraries():
-            tokenizer = load_tokenizer(folder / TOKENIZER_DIR)
+        tokenizer = load_tokenizer(folder / TOKENIZER_DIR)
         add_nextgpt_tokens(tokenizer)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -13,12 +13,10 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import nn
-from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-from transformers.cache_utils import DynamicLayer
 
 from nextgpt import escape, templates
 from nextgpt.config import Profile
@@ -27,7 +25,11 @@ from nextgpt.limits import BudgetExceeded
 from nextgpt.llm import load_llm
 from nextgpt.messages import MediaInput, Message  # noqa: F401  (re-exported: nextgpt.model.Message)
 from nextgpt.projectors import InputProjection, OutputProjector
+from nextgpt.sampling import Warpers
 from nextgpt.tokens import MEDIA_END, MEDIA_START, MODALITIES
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 
 @dataclass
@@ -120,61 +122,6 @@ class Reply:
     timings: dict[str, float]
 
 
-class GrowingLayer(DynamicLayer):
-    """One layer's keys/values in a buffer with room to spare. transformers' DynamicLayer appends
-    with torch.cat, copying the whole history for every new token (at ~900 cached tokens, about a
-    fifth of a SmolLM2-135M decode step); here a token is written into the buffer in place, and the
-    buffer is re-allocated only when full (to 1.5× the length: amortised O(1) per token).
-    `keys` / `values` stay views of the buffer's first `length` positions, so DynamicLayer's own
-    `crop` and `get_seq_length` work unchanged."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        length = self.get_seq_length()
-        end = length + key_states.shape[-2]
-        if not self._room_for(end):
-            capacity = end + max(256, end // 2)
-            kept = (self.keys, self.values)
-            self.buffers = tuple(s.new_empty(*s.shape[:-2], capacity, s.shape[-1]) for s in (key_states, value_states))
-            if length:
-                for buffer, old in zip(self.buffers, kept):
-                    buffer[..., :length, :] = old
-        keys, values = self.buffers
-        keys[..., length:end, :] = key_states
-        values[..., length:end, :] = value_states
-        self.keys, self.values = keys[..., :end, :], values[..., :end, :]
-        return self.keys, self.values
-
-    def _room_for(self, end: int) -> bool:
-        """The buffers exist, hold `end` positions, still back `keys` (no other Cache method swapped
-        them) and may be written here (a buffer made under inference_mode is read-only outside it)."""
-        if self.buffers is None or end > self.buffers[0].shape[-2]:
-            return False
-        if self.keys.numel() and self.keys.data_ptr() != self.buffers[0].data_ptr():
-            return False
-        return torch.is_inference_mode_enabled() or not self.buffers[0].is_inference()
-
-
-class KVCache(DynamicCache):
-    """A DynamicCache of GrowingLayers (same API: crop, get_seq_length, ...)."""
-
-    def __init__(self):
-        super().__init__()
-        self.layer_class_to_replicate = GrowingLayer
-
-
-def crop_to(kv: DynamicCache, length: int) -> None:
-    """Keep the first `length` positions of a key/value cache."""
-    extra = kv.get_seq_length() - length
-    if extra > 0:
-        kv.crop(-extra)  # transformers 5: a negative count of positions to drop
-
-
 class PromptCache:
     """The LLM key/value cache of one conversation, reused across its turns (see `generate`)."""
 
@@ -185,6 +132,8 @@ class PromptCache:
     def reuse(self, keys: list) -> tuple[DynamicCache, int]:
         """(cache cropped to the prefix shared with `keys`, its length). At least one position is
         left to feed, since the next token's logits come from the last fed position."""
+        from nextgpt.kv_cache import KVCache, crop_to  # the transformers path's (see nextgpt/kv_cache.py)
+
         if self.kv is None:
             return KVCache(), 0
         common = 0
@@ -491,6 +440,8 @@ class NextGPT(nn.Module):
     def _prefill(self, inputs: torch.Tensor, keys: list, cache: PromptCache | None) -> tuple[torch.Tensor, "Run"]:
         """Feed the prompt (only what `cache` does not already hold): the next token's logits, and the
         state of this reply's run."""
+        from nextgpt.kv_cache import KVCache
+
         kv, reused = (cache.reuse(keys) if cache is not None else (KVCache(), 0))
         out = self(inputs_embeds=inputs[:, reused:], past_key_values=kv, use_cache=True)
         return out.logits[0, -1], Run(reused, kv)
@@ -502,6 +453,8 @@ class NextGPT(nn.Module):
 
     def _cut(self, run: "Run", length: int) -> None:
         """Keep the first `length` positions (prompt + reply tokens) of what was fed."""
+        from nextgpt.kv_cache import crop_to
+
         crop_to(run.kv, length)
 
     def _full(self, run: "Run") -> bool:
@@ -514,17 +467,8 @@ class NextGPT(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _warpers(temperature: float, top_p: float, top_k: int) -> LogitsProcessorList | None:
-        if temperature == 0:
-            return None  # greedy
-        warpers = LogitsProcessorList()
-        if temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(temperature))
-        if top_k:
-            warpers.append(TopKLogitsWarper(top_k))
-        if top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p))
-        return warpers
+    def _warpers(temperature: float, top_p: float, top_k: int) -> Warpers | None:
+        return None if temperature == 0 else Warpers(temperature, top_k, top_p)  # None: greedy
 
     def _sample(self, ids, logits, warpers, generator, allow_media=True) -> int:
         # only a modality's first signal token may be sampled; the rest of its group is forced
@@ -535,7 +479,7 @@ class NextGPT(nn.Module):
             logits[token] = float("-inf")
         if warpers is None:
             return int(logits.argmax())
-        scores = warpers(torch.tensor([ids], dtype=torch.long), logits[None])
+        scores = warpers(logits[None])
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=generator)[0, 0])
 

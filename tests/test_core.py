@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nextgpt import templates
 from nextgpt.model import MediaInput, Message
@@ -188,7 +190,7 @@ def test_growing_kv_cache_matches_transformers_dynamic_cache(tiny_model):
     spare positions), a crop to nothing, and a call outside inference_mode on a buffer made inside it."""
     from transformers import DynamicCache
 
-    from nextgpt.model import KVCache, crop_to
+    from nextgpt.kv_cache import KVCache, crop_to
 
     torch.manual_seed(0)
     x = torch.randn(1, 700, tiny_model.llm.config.hidden_size)
@@ -209,6 +211,30 @@ def test_growing_kv_cache_matches_transformers_dynamic_cache(tiny_model):
     both(x[:, 420:430], inference=False)  # a buffer made under inference_mode is re-made, not written
     crop_to(mine, 0), crop_to(theirs, 0)
     both(x[:, 500:700])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([0.3, 0.7, 1.0, 1.5]), st.sampled_from([0, 1, 5, 50, 500]),
+       st.sampled_from([1.0, 0.9, 0.5, 0.01]), st.sampled_from([1.0, 4.0, 30.0]))  # fmt: skip
+def test_warpers_equal_transformers_logits_warpers(seed, temperature, top_k, top_p, spread):
+    """Sampling warps logits without importing transformers (a chat start on llama.cpp never needs
+    it): temperature, top-k and top-p give exactly transformers' scores, removed tokens included,
+    on random logits of several spreads (a flat distribution, a peaked one, ties from rounding)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from nextgpt.sampling import Warpers
+
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(1, 300, generator=g) * spread).round(decimals=1)
+    theirs = LogitsProcessorList([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+    if top_k:
+        theirs.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        theirs.append(TopPLogitsWarper(top_p))
+    expected = theirs(torch.zeros(1, 1, dtype=torch.long), logits.clone())
+    got = Warpers(temperature, top_k, top_p)(logits.clone())
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    assert torch.allclose(got[~torch.isinf(got)], expected[~torch.isinf(expected)])
 
 
 def test_cached_turns_give_the_full_prefill_logits_through_a_conversation(tiny_model, media_files):

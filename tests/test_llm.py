@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nextgpt.config import LLMConfig
 from nextgpt.llm import load_llm, package_file
@@ -58,9 +60,20 @@ def test_gguf_llm_loads_with_official_tokens_and_answers(cache_dir, monkeypatch)
     assert "Paris" in answer
 
 
-def test_prepared_tokenizer_loads_without_auto_and_tokenizes_the_same(tmp_path):
-    """The chat start builds the prepared tokenizer by its class (no AutoTokenizer index of every
-    model family): the same ids, chat template and decoding as AutoTokenizer gives."""
+SMOLLM2_TEMPLATE = (  # SmolLM2-Instruct's own chat template (a default system turn; whitespace control)
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}\n  {{ '<|im_start|>assistant\n' }}\n{% endif %}"
+)
+TEXT = st.lists(st.sampled_from(list("abc XYZ\n\t.,!?'0123ünï🙂<>/|_")) | st.sampled_from(
+    ["[IMG0]", "[AUD7]", "[VID12]", "<Img>", "</Img>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", " circle", "  "]), max_size=40).map("".join)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_pair(tmp_path_factory):
+    """The chat start's tokenizer (nextgpt.tokenizer, no transformers) and transformers' AutoTokenizer,
+    on one prepared folder with the 38 new tokens, saved as the backend's prepare saves it."""
     from pathlib import Path
 
     from transformers import AutoTokenizer
@@ -68,14 +81,49 @@ def test_prepared_tokenizer_loads_without_auto_and_tokenizes_the_same(tmp_path):
     from nextgpt.llama_backend import load_tokenizer  # no llama-cpp-python needed for this part
     from nextgpt.llm import add_nextgpt_tokens, build_tiny_llm
 
-    folder = Path(build_tiny_llm(tmp_path / "hf"))  # saved as the backend's prepare saves its tokenizer
-    direct, auto = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
-    assert type(direct).__name__ == "TokenizersBackend"
+    folder = Path(build_tiny_llm(tmp_path_factory.mktemp("hf")))
+    auto = AutoTokenizer.from_pretrained(folder)
+    add_nextgpt_tokens(auto)
+    auto.save_pretrained(folder)
+    return load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+
+
+def test_prepared_tokenizer_is_built_without_transformers(tokenizer_pair):
+    """Same vocabulary, added tokens, special tokens and new-token ids as transformers', and the class
+    of `nextgpt.tokenizer` (importing transformers costs ~1 s of a chat start)."""
+    from nextgpt.llm import add_nextgpt_tokens
+
+    direct, auto = tokenizer_pair
+    assert type(direct).__module__ == "nextgpt.tokenizer"
     assert add_nextgpt_tokens(direct) == add_nextgpt_tokens(auto)
-    texts = ["Tell me about circles.", "  two  spaces\n\ttab [IMG0][IMG1] <Img></Img> [AUD7]", "ünïcödé 🙂 0123"]
-    for text in texts:
-        assert direct(text)["input_ids"] == auto(text)["input_ids"]
-        assert direct.decode(direct(text)["input_ids"]) == auto.decode(auto(text)["input_ids"])
-    chat = [{"role": "user", "content": texts[1]}]
-    assert direct.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == auto.apply_chat_template(
-        chat, tokenize=False, add_generation_prompt=True)
+    assert len(direct) == len(auto) and direct.get_vocab() == auto.get_vocab()
+    assert direct.get_added_vocab() == auto.get_added_vocab()
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        assert getattr(direct, name) == getattr(auto, name) and getattr(direct, name + "_id") == getattr(auto, name + "_id")
+    assert direct.convert_tokens_to_ids(["[IMG0]", "no-such-token"]) == auto.convert_tokens_to_ids(["[IMG0]", "no-such-token"])
+    ids = list(range(len(auto)))
+    assert direct.convert_ids_to_tokens(ids) == auto.convert_ids_to_tokens(ids) and direct.convert_ids_to_tokens(7) == auto.convert_ids_to_tokens(7)
+
+
+@settings(max_examples=150, deadline=None)
+@given(TEXT)
+def test_prepared_tokenizer_tokenizes_and_decodes_like_transformers(tokenizer_pair, text):
+    direct, auto = tokenizer_pair
+    ids = direct(text, add_special_tokens=False)["input_ids"]
+    assert ids == auto(text, add_special_tokens=False)["input_ids"]
+    for skip in (False, True):
+        assert direct.decode(ids, skip_special_tokens=skip) == auto.decode(ids, skip_special_tokens=skip)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["system", "user", "assistant"]), TEXT), min_size=1, max_size=5),
+       st.booleans(), st.booleans())  # fmt: skip
+def test_prepared_tokenizer_renders_chat_templates_like_transformers(tokenizer_pair, turns, generation_prompt, smollm2):
+    """The chat template (the tiny ChatML one, and SmolLM2-Instruct's with its default system turn and
+    whitespace control) renders exactly as transformers' apply_chat_template."""
+    direct, auto = tokenizer_pair
+    chat = [{"role": r, "content": c} for r, c in turns]
+    template = SMOLLM2_TEMPLATE if smollm2 else auto.chat_template
+    direct.chat_template = template
+    expected = auto.apply_chat_template(chat, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt)
+    assert direct.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt) == expected
