@@ -127,3 +127,33 @@ def test_prepared_tokenizer_renders_chat_templates_like_transformers(tokenizer_p
     direct.chat_template = template
     expected = auto.apply_chat_template(chat, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt)
     assert direct.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt) == expected
+
+
+def test_the_llama_cpp_start_path_imports_no_transformers(tmp_path):
+    """What a chat start on the llama.cpp backend imports before its first token — the core, the backend
+    module, the prepared tokenizer with its chat template, the sampling warpers — pulls in no
+    transformers module (≈ 1 s of every start). Runs without llama-cpp-python; the whole start is
+    checked in tests/test_llama_backend.py where that is installed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from nextgpt.llm import build_tiny_llm
+
+    folder = Path(build_tiny_llm(tmp_path / "hf"))
+    script = f"""
+import sys, torch
+from pathlib import Path
+import nextgpt.model, nextgpt.llama_backend, bots.chat
+from nextgpt.llama_backend import load_tokenizer
+from nextgpt.sampling import Warpers
+tok = load_tokenizer(Path({str(folder)!r}))
+text = tok.apply_chat_template([{{"role": "user", "content": "draw a red circle"}}], tokenize=False, add_generation_prompt=True)
+assert tok(text, add_special_tokens=False)["input_ids"]
+assert Warpers(0.7, 0, 0.9)(torch.randn(1, 50)).isinf().any()
+print(type(tok).__name__, sorted(m for m in sys.modules if m.split(".")[0] == "transformers"))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "Tokenizer []", out.stdout
