@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import AddedToken
@@ -36,7 +37,6 @@ class Tokenizer:
             setattr(self, name, _content(config.get(name)))
         template = folder / "chat_template.jinja"
         self.chat_template = template.read_text() if template.is_file() else config.get("chat_template")
-        self._compiled: tuple[str, object] | None = None
 
     # ------------------------------------------------------------------ ids
     def __call__(self, text: str, add_special_tokens: bool = True, **_) -> dict[str, list[int]]:
@@ -85,16 +85,16 @@ class Tokenizer:
             raise NotImplementedError("Tokenizer.apply_chat_template renders text only (tokenize=False)")
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
-        if self._compiled is None or self._compiled[0] != self.chat_template:
-            self._compiled = (self.chat_template, _environment().from_string(self.chat_template))
         specials = {name: getattr(self, name) for name in SPECIAL if getattr(self, name) is not None}
         messages = [dict(m) for m in conversation]
-        return self._compiled[1].render(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **specials)
+        return _compile(self.chat_template).render(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **specials)
 
 
-def _environment():
-    """jinja2's sandbox as transformers sets it up for chat templates (trim_blocks, lstrip_blocks, loop
-    controls, `raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII text)."""
+@lru_cache(maxsize=8)
+def _compile(template: str):
+    """The template compiled once, in jinja2's sandbox as transformers sets it up for chat templates
+    (trim_blocks, lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a `tojson` that keeps
+    non-ASCII text)."""
     import jinja2
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -109,4 +109,4 @@ def _environment():
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
+    return env.from_string(template)
