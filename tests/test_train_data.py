@@ -314,6 +314,40 @@ def test_new_rows_are_the_only_trainable_embedding_parameters(tied):
     assert torch.equal(sd["embed_tokens.new_rows"], emb[-N_NEW:]) and torch.equal(sd["lm_head.new_rows"], head[-N_NEW:])
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_embed_rows_train_the_input_side_only(tied):
+    """`embed_rows`: the new tokens' input rows train, their lm_head rows stay, so logits at positions
+    before a new token cannot move (a tied model is untied when merged)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training.trainer.rows import N_NEW, NewRows
+
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=50 + N_NEW, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied))  # fmt: skip
+    llm.requires_grad_(False)
+    emb0, head0 = llm.get_input_embeddings().weight.clone(), llm.get_output_embeddings().weight.clone()
+    ids = torch.tensor([[1, 60, 3, 70]])
+    plain = llm(ids).logits
+    rows = NewRows(llm, train_head=False)
+    assert len(rows.parameters()) == 1 and not rows.tied
+    opt = torch.optim.AdamW(rows.parameters(), lr=0.1)
+    for _ in range(3):
+        llm(ids).logits[..., -N_NEW:].sum().backward()
+        opt.step()
+        opt.zero_grad()
+    after = llm(ids).logits
+    assert torch.allclose(after[0, 0], plain[0, 0], atol=1e-6)  # before the first new token: the same distribution
+    assert not torch.allclose(after[0, 1:], plain[0, 1:])  # from the new token on, its trained input row acts
+    rows.merge()
+    emb, head = llm.get_input_embeddings().weight, llm.get_output_embeddings().weight
+    assert emb is not head and torch.equal(head, head0)  # the output rows, new ones included, as they were
+    assert torch.equal(emb[:-N_NEW], emb0[:-N_NEW]) and not torch.equal(emb[-N_NEW:], emb0[-N_NEW:])
+    assert torch.allclose(llm(ids).logits, after, atol=1e-6)  # merged: the same function as while training
+    sd = rows.state_dict()
+    assert torch.equal(sd["embed_tokens.new_rows"], emb[-N_NEW:]) and torch.equal(sd["lm_head.new_rows"], head0[-N_NEW:])
+
+
 def test_target_cache_shards(tmp_path):
     from training.trainer import TargetCache
 

@@ -18,7 +18,10 @@ them); the optimizer holds state for 2 × 38 × H numbers instead of 2 × V × H
 honest; and the checkpoint stores exactly `embed_tokens.new_rows` / `lm_head.new_rows` [38, H].
 
 With tied input/output embeddings (e.g. SmolLM2) one `new_rows` parameter serves both, so they
-stay tied. `merge()` writes the trained rows into the matrices and puts the original modules back.
+stay tied. With `train_head=False` (the `embed_rows` group) only the input rows train: the lm_head
+rows stay what they were (a frozen copy, so a tied model is untied), and which token the LM picks at
+a position before a signal token cannot move — only the states from the signal tokens on.
+`merge()` writes the trained rows into the matrices and puts the original modules back.
 """
 
 from __future__ import annotations
@@ -96,27 +99,29 @@ class NewRows:
     """Installs the two wrappers on a Hugging Face causal LM (`install`), gives their parameters,
     and merges them back (`merge`)."""
 
-    def __init__(self, llm: nn.Module, n: int = N_NEW, dtype: torch.dtype = torch.float32):
+    def __init__(self, llm: nn.Module, n: int = N_NEW, dtype: torch.dtype = torch.float32, *, train_head: bool = True):
         self.llm = llm
         in_emb, out_emb = llm.get_input_embeddings(), llm.get_output_embeddings()
         if isinstance(in_emb, NewRowsEmbedding):
             raise ValueError("new-row wrappers are already installed on this LLM")
         self.in_base, self.out_base = in_emb, out_emb
-        self.tied = out_emb is not None and out_emb.weight is in_emb.weight
+        was_tied = out_emb is not None and out_emb.weight is in_emb.weight
+        self.tied = was_tied and train_head
+        self.untie_on_merge = was_tied and not train_head
         self.embed = nn.Parameter(in_emb.weight[-n:].detach().clone().to(dtype))
         if out_emb is None:
             self.head = None
         elif self.tied:
             self.head = self.embed
         else:
-            self.head = nn.Parameter(out_emb.weight[-n:].detach().clone().to(dtype))
+            self.head = nn.Parameter(out_emb.weight[-n:].detach().clone().to(dtype), requires_grad=train_head)
         llm.set_input_embeddings(NewRowsEmbedding(in_emb, self.embed))
         if out_emb is not None:
             llm.set_output_embeddings(NewRowsLMHead(out_emb, self.head))
         self.installed = True
 
     def parameters(self) -> list[nn.Parameter]:
-        if self.head is None or self.tied:
+        if self.head is None or self.tied or not self.head.requires_grad:
             return [self.embed]
         return [self.embed, self.head]
 
@@ -139,6 +144,10 @@ class NewRows:
         if not self.installed:
             return
         n = self.embed.shape[0]
+        if self.untie_on_merge:  # the input rows moved, the output rows did not: two matrices from here on
+            from nextgpt.checkpoint import _untie
+
+            _untie(self.llm, self.out_base)
         self.in_base.weight[-n:].copy_(self.embed.to(self.in_base.weight.dtype))
         self.llm.set_input_embeddings(self.in_base)
         if self.out_base is not None:
