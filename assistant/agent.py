@@ -210,6 +210,7 @@ class Assistant:
             temperature=s.temperature,
             top_p=s.top_p,
             top_k=self.profile.generation.top_k,
+            isolate_groups=self.profile.generation.isolate_groups,
             seed=s.seed,
             on_text=on_text,
             cache=cache,

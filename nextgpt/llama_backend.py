@@ -340,7 +340,7 @@ class LlamaContext:
             self.lib.llama_set_embeddings(self.ctx, on)
             self.embeddings_on = on
 
-    def _decode(self, rows: np.ndarray, pos: int, last_output: bool) -> None:
+    def _decode(self, rows: np.ndarray, pos: int, last_output: bool, all_outputs: bool = False) -> None:
         n = len(rows)
         self.embd[:n] = rows
         b = self.batch
@@ -348,8 +348,8 @@ class LlamaContext:
         for i in range(n):
             b.pos[i] = pos + i
             b.seq_id[i][0] = self.seq
-            b.logits[i] = 0
-        b.logits[n - 1] = int(last_output)
+            b.logits[i] = int(all_outputs)
+        b.logits[n - 1] = int(last_output or all_outputs)
         rc = self.lib.llama_decode(self.ctx, b)
         if rc != 0:
             raise BackendError(f"llama_decode failed ({rc}) at position {pos} of {self.n_ctx}")
@@ -361,6 +361,18 @@ class LlamaContext:
         for i in range(0, len(rows), self.n_batch):
             self._decode(rows[i : i + self.n_batch], start + i, last_output=False)
         self.keys.extend(keys)
+
+    def states(self, rows: np.ndarray, keys: list) -> np.ndarray:
+        """Feed `rows` (T, H) after what the cache holds; the last-layer hidden state at each, (T, H)."""
+        self._set_embeddings(True)
+        out = np.empty((len(rows), self.n_embd), dtype=np.float32)
+        for i in range(0, len(rows), self.n_batch):
+            chunk = rows[i : i + self.n_batch]
+            self._decode(chunk, len(self.keys) + i, last_output=True, all_outputs=True)
+            for j in range(len(chunk)):
+                out[i + j] = np.ctypeslib.as_array(self.lib.llama_get_embeddings_ith(self.ctx, j), shape=(self.n_embd,))
+        self.keys.extend(keys)
+        return out
 
     def step(self, row: np.ndarray, key) -> tuple[np.ndarray, np.ndarray]:
         """Feed one position; (logits, last-layer hidden state), both copies."""
@@ -479,6 +491,12 @@ class LlamaCppNextGPT(NextGPT):
         row = self.embed_rows[token]
         logits, hidden = ctx.step(row, token)
         return torch.from_numpy(self._exact_new_logits(logits, hidden)), torch.from_numpy(hidden + row)
+
+    def _states(self, run: Run, tokens: list[int]) -> list[torch.Tensor]:
+        if len(self.context.keys) + len(tokens) > self.context.n_ctx:
+            raise BackendError(f"the reply ran past llama.cpp's context of {self.context.n_ctx} positions")
+        rows = self.embed_rows[tokens]
+        return [torch.from_numpy(h + r) for h, r in zip(self.context.states(rows, tokens), rows)]
 
     def _cut(self, run: Run, length: int) -> None:
         self.context.keep(length)

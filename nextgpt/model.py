@@ -312,6 +312,7 @@ class NextGPT(nn.Module):
         on_text: Callable[[str], None] | None = None,
         cache: PromptCache | None = None,
         stop: Iterable[str] = (),
+        isolate_groups: bool = False,
     ) -> Reply:
         """Sample a reply. When a modality's first signal token is sampled, its remaining N−1 tokens
         are forced (the official code asserted and crashed when the sampler strayed). Modalities in
@@ -324,7 +325,12 @@ class NextGPT(nn.Module):
         and are recomputed from the first differing position).
 
         `stop`: more strings that end the reply, besides the template's (an API caller's `stop`); the
-        reply ends as soon as one is generated, not after max_new_tokens."""
+        reply ends as soon as one is generated, not after max_new_tokens.
+
+        `isolate_groups`: a reply with several signal groups takes the states of the second and later
+        groups from a re-read of the prompt + only the words since the previous group + the group, as
+        if that output were the reply's only one (a small LLM's state at a second group mixes both
+        things named). The cache then keeps the prompt; the next turn prefills the reply with it."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         stops = self.stop_strings + [s for s in stop if s and s not in self.stop_strings]
@@ -421,6 +427,14 @@ class NextGPT(nn.Module):
         timings["decode_tokens"] = len(ids)
 
         t3 = time.perf_counter()
+        fed = keys + ids  # what the LLM's cache holds when the reply is done
+        if isolate_groups and len(emitted) > 1:  # re-read each later group after the prompt + its own words
+            for (before, prev), (modality, start) in zip(emitted, emitted[1:]):
+                since, n = prev + MODALITIES[before].num_tokens, MODALITIES[modality].num_tokens
+                self._cut(run, n_prompt)
+                states[start : start + n] = self._states(run, ids[since : start + n])[start - since :]
+            self._cut(run, n_prompt)
+            fed = keys
         signals = []
         for modality, start in emitted:
             n = MODALITIES[modality].num_tokens
@@ -432,11 +446,11 @@ class NextGPT(nn.Module):
         if on_text is not None and len(text) > streamed:
             on_text(self._text(ids)[streamed:].rstrip())
         trace = self.tokenizer.decode(ids, skip_special_tokens=False)
-        self._finish(run, cache, keys + ids)
+        self._finish(run, cache, fed)
         return Reply(text=text, trace=trace, signals=signals, token_ids=ids, finish_reason=finish, timings=timings)
 
     # ------------------------------------------------------------------ the LLM steps generate runs
-    # (transformers here; nextgpt/llama_backend.py overrides these four and shares the loop above)
+    # (transformers here; nextgpt/llama_backend.py overrides them and shares the loop above)
     def _prefill(self, inputs: torch.Tensor, keys: list, cache: PromptCache | None) -> tuple[torch.Tensor, "Run"]:
         """Feed the prompt (only what `cache` does not already hold): the next token's logits, and the
         state of this reply's run."""
@@ -450,6 +464,11 @@ class NextGPT(nn.Module):
         """Feed one token: (the next token's logits, its signal state: last hidden state + input embedding)."""
         out = self(torch.tensor([[token]], device=self.device), past_key_values=run.kv, use_cache=True, all_states=True)
         return out.logits[0, -1], out.all_states[0, -1]
+
+    def _states(self, run: "Run", tokens: list[int]) -> list[torch.Tensor]:
+        """Feed `tokens` in one pass: the signal state (last hidden state + input embedding) at each."""
+        out = self(torch.tensor([tokens], device=self.device), past_key_values=run.kv, use_cache=True, all_states=True)
+        return list(out.all_states[0])
 
     def _cut(self, run: "Run", length: int) -> None:
         """Keep the first `length` positions (prompt + reply tokens) of what was fed."""

@@ -342,3 +342,35 @@ def test_a_caller_stop_string_ends_generation_early(tiny_model):
     assert stopped.finish_reason == "stop"
     assert pieces[k] not in stopped.text
     assert len(stopped.token_ids) <= k < len(full.token_ids)
+
+
+def test_isolated_groups_take_their_states_from_their_own_words(tiny_model):
+    """`isolate_groups`: the words and the first group are unchanged; a later group's states are those of
+    the prompt + only the words since the previous group + the group, read afresh (checked against one
+    plain forward pass); and the conversation's cache stays consistent for the next turn."""
+    from nextgpt.model import PromptCache
+
+    messages = [Message("user", "a picture and a sound")]
+    kw = dict(want=["image", "audio"], temperature=0, max_new_tokens=3)
+    plain = tiny_model.generate(messages, **kw)
+    cache = PromptCache()
+    iso = tiny_model.generate(messages, isolate_groups=True, cache=cache, **kw)
+    assert iso.token_ids == plain.token_ids and [s.modality for s in iso.signals] == ["image", "audio"]
+    assert torch.equal(iso.signals[0].prompt_embeds, plain.signals[0].prompt_embeds)
+    first, second = iso.signals
+    since = first.position + MODALITIES["image"].num_tokens
+    n = MODALITIES["audio"].num_tokens
+    assert since <= second.position  # (forced groups at a reply's end follow each other: no words between)
+    prompt, _ = tiny_model.build_inputs(messages)
+    piece = torch.tensor(iso.token_ids[since : second.position + n])
+    x = torch.cat([prompt, tiny_model.llm.get_input_embeddings()(piece)[None]], dim=1)
+    with torch.inference_mode():
+        states = tiny_model(inputs_embeds=x, all_states=True).all_states[:, -n:]
+        want = tiny_model.output_projectors["audio"](states)
+    assert torch.allclose(second.prompt_embeds, want, atol=1e-4)
+    assert not torch.allclose(second.prompt_embeds, plain.signals[1].prompt_embeds, atol=1e-3)  # the first group is not read
+    # the next turn: the cache held the prompt only, and the turn equals one without a cache
+    later = messages + [Message("assistant", iso.trace), Message("user", "again")]
+    a = tiny_model.generate(later, temperature=0, max_new_tokens=5, cache=cache)
+    b = tiny_model.generate(later, temperature=0, max_new_tokens=5)
+    assert a.token_ids == b.token_ids

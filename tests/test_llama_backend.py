@@ -194,6 +194,26 @@ def test_forced_signal_groups_match_transformers(tiny_gguf_models):
     assert b.finish_reason == a.finish_reason == "length"
 
 
+def test_isolated_groups_match_transformers(tiny_gguf_models):
+    """`isolate_groups` on llama.cpp (a later group re-read after the prompt in its own KV sequence) gives
+    the transformers path's states; the cached next turn equals an uncached one."""
+    from nextgpt.model import Message, PromptCache
+
+    reference, fast, _, _ = tiny_gguf_models
+    kw = dict(want=["image", "video", "audio"], max_new_tokens=2, temperature=0, isolate_groups=True)
+    cache = PromptCache()
+    a, b = reference.generate(_messages(), **kw), fast.generate(_messages(), cache=cache, **kw)
+    assert a.token_ids == b.token_ids and [s.modality for s in b.signals] == ["image", "video", "audio"]
+    plain = fast.generate(_messages(), **{**kw, "isolate_groups": False})
+    for sa, sb, sp in zip(a.signals, b.signals, plain.signals):
+        assert _cos(sa.prompt_embeds, sb.prompt_embeds) >= 0.99, sa.modality
+    for i in (1, 2):  # a later group was re-read: nearer the reference's re-read than its own plain states
+        assert _cos(b.signals[i].prompt_embeds, a.signals[i].prompt_embeds) > _cos(b.signals[i].prompt_embeds, plain.signals[i].prompt_embeds)
+    later = _messages() + [Message("assistant", b.trace), Message("user", "again")]
+    assert fast.generate(later, temperature=0, max_new_tokens=4, cache=cache).token_ids == \
+        fast.generate(later, temperature=0, max_new_tokens=4).token_ids
+
+
 def test_next_token_logits_and_states_match_transformers(tiny_gguf_models):
     """The prompt's next-token logits and last hidden state (media in their slots) against the
     transformers path; the random tiny model's logits are nearly flat, so compare vectors, not argmax."""

@@ -259,6 +259,7 @@ def evaluate(
                 temperature=gen.temperature,
                 top_p=gen.top_p,
                 top_k=gen.top_k,
+                isolate_groups=gen.isolate_groups,
                 seed=seed + i,
             )
             media: dict[str, list] = {s.modality: [] for s in reply.signals}
@@ -419,7 +420,7 @@ def evaluate_dialogs(settings, profile=None, *, n: int = 20, seed: int = 12345, 
                 messages.append(Message("user", h["value"], [MediaInput(m, path=p) for m, p in h["paths"]]))
                 reply = model.generate(messages, want=[], max_new_tokens=max_new_tokens or gen.max_new_tokens,
                                        temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
-                                       seed=seed + 1000 * i + j, cache=cache)  # fmt: skip
+                                       seed=seed + 1000 * i + j, cache=cache, isolate_groups=gen.isolate_groups)  # fmt: skip
                 messages.append(Message("assistant", reply.trace))
                 turns_total += 1
                 if reply.finish_reason == "length":  # kept with its text: a loop the guard missed, or a long reply?

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", metavar="L1,...,L7", help="override the peak learning rates")
     p.add_argument("--bf16", action="store_true",
                    help="stages 3-7 in bfloat16 autocast (on a CPU with AMX, as this project's: ~1.3x faster a step; "
-                        "CPUs without bf16 units emulate it, slower)")  # fmt: skip
+                        "CPUs without bf16 units emulate it, ~20x slower: the trainer warns)")  # fmt: skip
     p.add_argument("--conversations", type=int, help="override the number of stage-4 conversations")
     p.add_argument("--pairs", type=int, help="override the pairs per modality")
     p.add_argument("--dialogs", type=int, help="override the number of dialogs")
