@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     t = p.add_argument_group("what is trained")
     t.add_argument("--train", type=_groups, metavar="GROUPS",
-                   help="comma-separated: input_proj, output_projectors, new_rows, lora (default: the stage's)")  # fmt: skip
+                   help="comma-separated: input_proj, output_projectors, new_rows, embed_rows (the input side of new_rows only), lora (default: the stage's)")  # fmt: skip
     t.add_argument("--lora-r", type=int, default=32)
     t.add_argument("--lora-alpha", type=float, default=32.0)
     t.add_argument("--lora-dropout", type=float, default=0.1)
