@@ -340,7 +340,9 @@ class LlamaContext:
             self.lib.llama_set_embeddings(self.ctx, on)
             self.embeddings_on = on
 
-    def _decode(self, rows: np.ndarray, pos: int, last_output: bool, all_outputs: bool = False) -> None:
+    def _decode(self, rows: np.ndarray, pos: int, outputs: str) -> None:
+        """One llama_decode of `rows` at positions pos, pos+1, …; `outputs`: "none", "last" (the last
+        position's logits / state) or "all"."""
         n = len(rows)
         self.embd[:n] = rows
         b = self.batch
@@ -348,28 +350,34 @@ class LlamaContext:
         for i in range(n):
             b.pos[i] = pos + i
             b.seq_id[i][0] = self.seq
-            b.logits[i] = int(all_outputs)
-        b.logits[n - 1] = int(last_output or all_outputs)
+            b.logits[i] = int(outputs == "all")
+        b.logits[n - 1] = int(outputs != "none")
         rc = self.lib.llama_decode(self.ctx, b)
         if rc != 0:
             raise BackendError(f"llama_decode failed ({rc}) at position {pos} of {self.n_ctx}")
 
+    def _decode_all(self, rows: np.ndarray, outputs: str):
+        """Feed `rows` (T, H) after what the cache holds, n_batch at a time; yields (offset, length) of each
+        chunk once decoded (its outputs are readable until the next chunk)."""
+        start = len(self.keys)
+        for i in range(0, len(rows), self.n_batch):
+            chunk = rows[i : i + self.n_batch]
+            self._decode(chunk, start + i, outputs)
+            yield i, len(chunk)
+
     def prefill(self, rows: np.ndarray, keys: list) -> None:
         """Feed `rows` (T, H) after what the cache holds, no outputs (the last position goes by `step`)."""
         self._set_embeddings(False)
-        start = len(self.keys)
-        for i in range(0, len(rows), self.n_batch):
-            self._decode(rows[i : i + self.n_batch], start + i, last_output=False)
+        for _ in self._decode_all(rows, "none"):
+            pass
         self.keys.extend(keys)
 
     def states(self, rows: np.ndarray, keys: list) -> np.ndarray:
         """Feed `rows` (T, H) after what the cache holds; the last-layer hidden state at each, (T, H)."""
         self._set_embeddings(True)
         out = np.empty((len(rows), self.n_embd), dtype=np.float32)
-        for i in range(0, len(rows), self.n_batch):
-            chunk = rows[i : i + self.n_batch]
-            self._decode(chunk, len(self.keys) + i, last_output=True, all_outputs=True)
-            for j in range(len(chunk)):
+        for i, n in self._decode_all(rows, "all"):
+            for j in range(n):
                 out[i + j] = np.ctypeslib.as_array(self.lib.llama_get_embeddings_ith(self.ctx, j), shape=(self.n_embd,))
         self.keys.extend(keys)
         return out
@@ -377,7 +385,7 @@ class LlamaContext:
     def step(self, row: np.ndarray, key) -> tuple[np.ndarray, np.ndarray]:
         """Feed one position; (logits, last-layer hidden state), both copies."""
         self._set_embeddings(True)
-        self._decode(row[None], len(self.keys), last_output=True)
+        self._decode(row[None], len(self.keys), "last")
         self.keys.append(key)
         logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, 0), shape=(self.n_vocab,)).copy()
         hidden = np.ctypeslib.as_array(self.lib.llama_get_embeddings_ith(self.ctx, 0), shape=(self.n_embd,)).copy()
@@ -484,17 +492,18 @@ class LlamaCppNextGPT(NextGPT):
         logits, hidden = ctx.step(rows[-1], keys[-1])  # the last position with its hidden state: exact new-token logits
         return torch.from_numpy(self._exact_new_logits(logits, hidden)), Run(reused)
 
+    def _check_room(self, n: int) -> None:
+        if len(self.context.keys) + n > self.context.n_ctx:
+            raise BackendError(f"the reply ran past llama.cpp's context of {self.context.n_ctx} positions")
+
     def _feed(self, run: Run, token: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = self.context
-        if len(ctx.keys) >= ctx.n_ctx:
-            raise BackendError(f"the reply ran past llama.cpp's context of {ctx.n_ctx} positions")
+        self._check_room(1)
         row = self.embed_rows[token]
-        logits, hidden = ctx.step(row, token)
+        logits, hidden = self.context.step(row, token)
         return torch.from_numpy(self._exact_new_logits(logits, hidden)), torch.from_numpy(hidden + row)
 
     def _states(self, run: Run, tokens: list[int]) -> list[torch.Tensor]:
-        if len(self.context.keys) + len(tokens) > self.context.n_ctx:
-            raise BackendError(f"the reply ran past llama.cpp's context of {self.context.n_ctx} positions")
+        self._check_room(len(tokens))
         rows = self.embed_rows[tokens]
         return [torch.from_numpy(h + r) for h, r in zip(self.context.states(rows, tokens), rows)]
 

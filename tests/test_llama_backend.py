@@ -356,3 +356,34 @@ print(type(model).__name__, sorted(m for m in sys.modules if m.split(".")[0] == 
                          env={**os.environ, "NEXTGPT_THREADS": "1"})  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "LlamaCppNextGPT []", out.stdout
+
+
+def test_chunked_feeding_matches_one_batch(tiny_gguf_models):
+    """A prompt longer than n_batch is fed in chunks: the states (`states`) and the next step after a
+    chunked `prefill` equal those of one batch."""
+    from nextgpt.llama_backend import MODEL_FILE, LlamaContext, prepare
+
+    _, fast, fast_profile, cache = tiny_gguf_models
+    rows, keys = fast.build_inputs(_messages())
+    rows = rows[0].numpy()
+    assert len(rows) > 8
+    small = LlamaContext(prepare(fast_profile, cache) / MODEL_FILE, n_threads=1, n_batch=4)
+    whole = fast.context
+    whole.use(1)
+    try:
+        for ctx in (small, whole):
+            ctx.keep(0)
+        a, b = small.states(rows, keys), whole.states(rows, keys)
+        # llama.cpp's kernels round differently for batches of 4 and of 73 (~1e-3 here): near, not equal,
+        # while a chunk read at the wrong offset or position would differ entirely
+        near = lambda x, y: np.abs(x - y).max() <= 1e-2 * np.abs(y).max()  # noqa: E731
+        assert len(small.keys) == len(rows) and near(a, b)
+        for ctx in (small, whole):
+            ctx.keep(0)
+            ctx.prefill(rows[:-1], keys[:-1])
+        (la, ha), (lb, hb) = small.step(rows[-1], keys[-1]), whole.step(rows[-1], keys[-1])
+        assert near(ha, hb) and near(la, lb)
+        assert near(ha, a[-1])  # the step's state is the one `states` read there
+    finally:
+        whole.keep(0)
+        whole.use(0)
