@@ -499,7 +499,9 @@ class NextGPT(nn.Module):
         if warpers is None:
             return int(logits.argmax())
         scores = warpers(logits[None])
-        probs = torch.softmax(scores, dim=-1)
+        # drawn on the CPU, where `generate`'s seeded generator lives: torch.multinomial refuses a CPU
+        # generator for CUDA probabilities, and a seed then gives the same reply on every device
+        probs = torch.softmax(scores, dim=-1).cpu()
         return int(torch.multinomial(probs, 1, generator=generator)[0, 0])
 
     def _text(self, ids: list[int]) -> str:
