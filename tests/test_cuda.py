@@ -493,8 +493,5 @@ def test_small_smoke_recipe_with_the_profile_on_cuda(tmp_path):
         assert (tmp_path / "out" / name).is_file(), name
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=False,
-                   reason="training/small.py signal_states feeds the collator's CPU batch to a model on the GPU "
-                          "(the refit of `make train-small` with device: auto); reported, not fixed yet")  # fmt: skip
 def test_refit_signal_states_on_cuda_match_cpu(settings, cache_dir, dialogs):
     check_refit_states(settings, cache_dir, GPU, dialogs)

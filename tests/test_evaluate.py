@@ -103,7 +103,7 @@ def test_evaluate_cli_json(monkeypatch, capsys, tmp_path, tiny_model):
 
 @pytest.mark.slow
 def test_train_small_smoke(tmp_path, monkeypatch):
-    """The whole recipe at toy size: data, stages 1-7, refit, publish + model card; then a re-run skips everything."""
+    """The whole recipe at toy size: data, stages 1-8, refit, publish + model card; then a re-run skips everything."""
     from training.small import main
     from nextgpt.checkpoint import load_checkpoint
 
@@ -111,7 +111,7 @@ def test_train_small_smoke(tmp_path, monkeypatch):
     args = ["--smoke", "--profile", "tiny", "--work", str(work), "--out", str(out), "--no-progress"]
     assert main(args) == 0
     state = json.loads((work / "state.json").read_text())
-    assert set(state["stages"]) == {"1", "2", "3", "4", "5", "6", "7"}
+    assert set(state["stages"]) == {"1", "2", "3", "4", "5", "6", "7", "8"}
     assert all(s["reached"] == 2 for s in state["stages"].values())
     ck = load_checkpoint(out)
     assert ck.adapter_dir is not None and ck.meta["stage"] == 3
@@ -120,19 +120,21 @@ def test_train_small_smoke(tmp_path, monkeypatch):
     assert ck.meta["refit"]["examples"]["conversations"] > 0  # and the multi-turn conversations
     assert ck.meta["refit"]["examples"]["emphasis"] > 0  # and stage 5's (several outputs in one reply)
     assert ck.meta["refit"]["examples"]["fresh"] > 0  # and stage 7's (references to earlier outputs weighted)
-    assert ck.meta["init"].endswith("stage6")  # stage 7 continues stage 6, which continues 5, 4 and 3
+    assert ck.meta["refit"]["examples"]["fresh2"] > 0  # and stage 8's
+    assert ck.meta["init"].endswith("stage7")  # stage 8 continues stage 7, which continues 6, 5, 4 and 3
     cached = sorted((work / "refit-states").glob("*.safetensors"))
-    assert [f.name.split("-")[0] for f in cached] == ["conversations", "dialogs", "emphasis", "fresh", "pairs", "varied"]
+    assert [f.name.split("-")[0] for f in cached] == ["conversations", "dialogs", "emphasis", "fresh", "fresh2", "pairs", "varied"]
     assert (work / "data" / "conversations-multi" / "dialogs.json").is_file()  # stage 5's data
     assert (work / "data" / "conversations-fresh" / "dialogs.json").is_file()  # stage 7's
+    assert (work / "data" / "conversations-fresh2" / "dialogs.json").is_file()  # stage 8's
     card = (out / "README.md").read_text()
-    assert "| 3 | instruction tuning" in card and "| 4 | conversation tuning" in card and "| 6 | conversations again" in card and "| 7 | fresh conversations" in card
+    assert "| 3 | instruction tuning" in card and "| 4 | conversation tuning" in card and "| 6 | conversations again" in card and "| 7 | fresh conversations" in card and "| 8 | fresh conversations again" in card
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     assert size < 5_000_000
     # everything complete: a second run only republishes
-    mtime = (work / "stage7" / "nextgpt.safetensors").stat().st_mtime
+    mtime = (work / "stage8" / "nextgpt.safetensors").stat().st_mtime
     assert main(args) == 0
-    assert (work / "stage7" / "nextgpt.safetensors").stat().st_mtime == mtime
+    assert (work / "stage8" / "nextgpt.safetensors").stat().st_mtime == mtime
     # another refit plan refits from the cached signal states (not recomputed) and republishes
     stamps = {f: f.stat().st_mtime_ns for f in cached}
     assert main(args + ["--refit", ",,5"]) == 0

@@ -68,7 +68,7 @@ from pathlib import Path
 PROG = "python -m training.small"
 STATE_FILE = "state.json"
 DATA_FORMAT = 3  # 3: + training-only request wordings (W_TRAIN); 2: a reply with several outputs puts each signal group after the words naming it (1: all at the end)
-TRAIN_SEEDS = {"pairs": 1, "dialogs": 2, "refit_dialogs": 4, "conversations": 5, "emphasis": 6, "fresh": 7}
+TRAIN_SEEDS = {"pairs": 1, "dialogs": 2, "refit_dialogs": 4, "conversations": 5, "emphasis": 6, "fresh": 7, "fresh2": 8}
 # stage 5's conversations: every scenario, "multi" (two or three outputs in one reply) four times as often,
 # the ones the eval found weakest after stage 4 (edit, refer, recall, attach) twice
 EMPHASIS = ("multi", "multi", "multi", "multi", "edit", "edit", "refer", "refer", "recall", "recall", "attach", "attach",
@@ -76,6 +76,10 @@ EMPHASIS = ("multi", "multi", "multi", "multi", "edit", "edit", "refer", "refer"
 # stage 7's fresh conversations: the scenarios the eval found weakest after stage 6 (refer 60, multi 35, recall 70 %)
 FRESH = ("refer", "refer", "refer", "multi", "multi", "multi", "recall", "recall", "edit", "edit", "convert", "convert",
          "attach", "ask", "chat-create")
+# stage 8's fresh conversations: the scenarios the dialog eval found weakest after stage 7 + refit + isolate_groups
+# (multi 65, recall 65, refer 80, ask 85 %)
+FRESH2 = ("multi", "multi", "multi", "recall", "recall", "recall", "refer", "refer", "ask", "ask", "edit", "convert",
+          "attach", "chat-create")
 
 
 @dataclass
@@ -100,14 +104,16 @@ class Plan:
     conversations: int = 0  # stage 4 (multi-turn conversations)
     emphasis: int = 0  # stage 5 (conversations weighted to several outputs in one reply)
     fresh: int = 0  # stage 7 (new conversations weighted to the weakest scenarios)
+    fresh2: int = 0  # stage 8 (new conversations weighted to the scenarios weakest after stage 7)
     group_by_length: int = 8  # stages 3-7: batches of similar length, sorted within windows of 8 batches (less padding)
 
 
 STAGE_NAMES = {1: "encoding-side alignment (pairs)", 2: "decoding-side alignment (captions)", 3: "instruction tuning (dialogs, LoRA)",
                4: "conversation tuning (multi-turn, LoRA continued)", 5: "several outputs in one reply (conversations, LoRA continued)",
                6: "conversations again (stage 4's and 5's together, LoRA continued)",
-               7: "fresh conversations, weakest scenarios weighted (LoRA continued)"}  # fmt: skip
-LLM_STAGES = (1, 2, 3, 4, 5, 6, 7)
+               7: "fresh conversations, weakest scenarios weighted (LoRA continued)",
+               8: "fresh conversations again, multi / recall / refer / ask weighted (LoRA continued)"}  # fmt: skip
+LLM_STAGES = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 FULL = Plan(
@@ -134,10 +140,13 @@ FULL = Plan(
         # after stage 6: refer 60, multi 35, recall 70 % — and stages 4-6 had seen their conversations twice;
         # new ones (seed 7), the weakest scenarios weighted (FRESH)
         7: StagePlan(steps=200, batch_size=8, lr=3e-4, max_length=448, save_every=20, warmup=5, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
+        # after stage 7 + refit (+ isolate_groups): multi 65, recall 65, refer 80, ask 85 %: new ones (seed 8), FRESH2
+        8: StagePlan(steps=200, batch_size=8, lr=3e-4, max_length=448, save_every=20, warmup=5, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
     },
     conversations=2400,
     emphasis=1200,
     fresh=1600,
+    fresh2=1600,
 )
 SMOKE = Plan(
     pairs=4,
@@ -151,10 +160,12 @@ SMOKE = Plan(
         5: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
         6: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
         7: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
+        8: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
     },
     conversations=4,
     emphasis=4,
     fresh=4,
+    fresh2=4,
     lora_r=4,
     lora_alpha=8.0,
 )
@@ -175,9 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (also the default: finished steps are always skipped)")
     p.add_argument("--restart", action="store_true", help="start the stages over (the data is kept)")
     p.add_argument("--smoke", action="store_true", help="tiny version for CI (use with --profile tiny)")
-    p.add_argument("--stages", default="1,2,3,4,5,6,7", help="which stages to run (default 1,2,3,4,5,6,7); the others must be complete if needed")
-    p.add_argument("--steps", metavar="S1,...,S7", help="override the step counts")
-    p.add_argument("--lr", metavar="L1,...,L7", help="override the peak learning rates")
+    p.add_argument("--stages", default="1,2,3,4,5,6,7,8", help="which stages to run (default 1,2,3,4,5,6,7,8); the others must be complete if needed")
+    p.add_argument("--steps", metavar="S1,...,S8", help="override the step counts")
+    p.add_argument("--lr", metavar="L1,...,L8", help="override the peak learning rates")
     p.add_argument("--bf16", action="store_true",
                    help="stages 3-7 in bfloat16 autocast (on a CPU with AMX, as this project's: ~1.3x faster a step; "
                         "CPUs without bf16 units emulate it, ~20x slower: the trainer warns)")  # fmt: skip
@@ -186,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dialogs", type=int, help="override the number of dialogs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's `threads` / torch's)")
     p.add_argument("--no-refit", action="store_true", help="skip the projector refit after stage 3")
-    p.add_argument("--refit", metavar="DIALOGS,PAIRS,STEPS,VARIED,CONVERSATIONS,EMPHASIS,FRESH", help="override the refit sizes (empty fields keep the plan's)")
+    p.add_argument("--refit", metavar="DIALOGS,PAIRS,STEPS,VARIED,CONVERSATIONS,EMPHASIS,FRESH,FRESH2", help="override the refit sizes (empty fields keep the plan's)")
     p.add_argument("--publish-partial", action="store_true",
                    help="publish the latest saved checkpoint (of the furthest stage) to --out without training")  # fmt: skip
     p.add_argument("--eval", type=int, default=0, metavar="N", help="after publishing, evaluate N prompts per direction into the card")
@@ -238,6 +249,8 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
         want["emphasis"] = plan.emphasis
     if plan.fresh:
         want["fresh"] = plan.fresh
+    if plan.fresh2:
+        want["fresh2"] = plan.fresh2
     have = state.get("data", {})
     files = {m: pairs_json_path(data / "pairs", m) for m in MODALITIES}
     files["dialogs"] = data / "dialogs" / DIALOGS_FILE
@@ -249,6 +262,8 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
         files["emphasis"] = data / "conversations-multi" / DIALOGS_FILE
     if plan.fresh:
         files["fresh"] = data / "conversations-fresh" / DIALOGS_FILE
+    if plan.fresh2:
+        files["fresh2"] = data / "conversations-fresh2" / DIALOGS_FILE
     if have.get("spec") == want and all(f.is_file() for f in files.values()):
         _say(f"data: present ({plan.pairs} pairs per modality, {plan.dialogs} dialogs, {varied} refit dialogs)")
         return files
@@ -279,6 +294,11 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
         sampled = sample_conversations(plan.fresh, TRAIN_SEEDS["fresh"], scenarios=FRESH)
         write_records(files["fresh"].parent, sampled, plan.side, outputs=False)
         _say(f"data: {plan.fresh} fresh conversations, weakest scenarios weighted ({time.perf_counter() - t:.0f} s)")
+    if plan.fresh2:
+        t = time.perf_counter()
+        sampled = sample_conversations(plan.fresh2, TRAIN_SEEDS["fresh2"], scenarios=FRESH2)
+        write_records(files["fresh2"].parent, sampled, plan.side, outputs=False)
+        _say(f"data: {plan.fresh2} more fresh conversations, multi / recall / refer / ask weighted ({time.perf_counter() - t:.0f} s)")
     state["data"] = {"spec": want, "seconds": round(time.perf_counter() - t0, 1)}
     _save_state(work, state)
     return files
@@ -356,8 +376,10 @@ def run_stage(stage: int, work: Path, plan: Plan, files: dict[str, Path], args, 
         data = [str(files["emphasis"])]
     elif stage == 6:
         data = [str(files["conversations"]), str(files["emphasis"])]
-    else:  # 7
+    elif stage == 7:
         data = [str(files["fresh"])]
+    else:  # 8
+        data = [str(files["fresh2"])]
     init = "none" if stage == 1 else str(work / f"stage{stage - 1}")
     argv = ["--stage", str(min(stage, 3)), "--profile", args.profile]  # stage 4 is stage 3's training on other data
     for d in data:
@@ -436,13 +458,14 @@ class RefitPlan:
     conversations: int = 0  # multi-turn conversations (stage 4's data) whose outputs are used
     emphasis: int = 0  # stage 5's conversations (replies with two or three outputs ×4) whose outputs are used
     fresh: int = 0  # stage 7's conversations (refer / multi / recall weighted) whose outputs are used
+    fresh2: int = 0  # stage 8's conversations (multi / recall / refer / ask weighted) whose outputs are used
     batch_size: int = 32
     lr: float = 1e-3
     forward_batch: int = 16
 
 
-REFIT_FULL = RefitPlan(dialogs=900, pairs=600, steps=5000, varied=1500, batch_size=64, conversations=1500, emphasis=1200, fresh=1600)  # ≈ 0.05 s a step (d_model 128); the dialogs bring varied reply wording
-REFIT_SMOKE = RefitPlan(dialogs=4, pairs=2, steps=3, varied=4, batch_size=4, forward_batch=4, conversations=4, emphasis=4, fresh=4)
+REFIT_FULL = RefitPlan(dialogs=900, pairs=600, steps=5000, varied=1500, batch_size=64, conversations=1500, emphasis=1200, fresh=1600, fresh2=1600)  # ≈ 0.05 s a step (d_model 128); the dialogs bring varied reply wording
+REFIT_SMOKE = RefitPlan(dialogs=4, pairs=2, steps=3, varied=4, batch_size=4, forward_batch=4, conversations=4, emphasis=4, fresh=4, fresh2=4)
 
 
 def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Path], args, state: dict) -> Path:
@@ -495,6 +518,7 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
         "conversations": with_outputs("conversations", rp.conversations),
         "emphasis": with_outputs("emphasis", rp.emphasis),
         "fresh": with_outputs("fresh", rp.fresh),
+        "fresh2": with_outputs("fresh2", rp.fresh2),
     }
     cache = TargetCache(_target_dirs(settings, profile, args.targets_dir))
     shapes = {m: (p.query_embs.shape[1], p.model.out_features) for m, p in model.output_projectors.items()}
@@ -536,7 +560,9 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     for m in SIGNALS:
         if not feats[m]:
             continue
-        X, Y = torch.cat(feats[m]), torch.cat(targets[m])
+        proj = model.output_projectors[m]
+        dev = proj.fc.weight.device  # the profile's device (`auto`: the GPU); the cached states are on the CPU
+        X, Y = torch.cat(feats[m]).to(dev), torch.cat(targets[m]).to(dev)
         n = X.shape[0]
         perm = torch.randperm(n)
         n_val = max(1, n // 10) if n >= 10 else 0
@@ -611,14 +637,16 @@ def signal_states(model, collate, examples, forward_batch: int) -> dict:
     examples = sorted(examples, key=lambda e: len(e.input_ids))  # less padding
     with torch.inference_mode():
         for i in range(0, len(examples), forward_batch):
-            batch = collate(examples[i : i + forward_batch])
-            fw = model(batch["input_ids"], attention_mask=batch["attention_mask"], media_vectors=batch["media_vectors"],
-                        media_batch=batch["media_batch"], media_pos=batch["media_pos"],
-                        signals={m: (g["batch"], g["start"]) for m, g in batch["signals"].items()},
-                        logits_at=torch.zeros_like(batch["input_ids"], dtype=torch.bool))  # the states only: no logits  # fmt: skip
+            batch = collate(examples[i : i + forward_batch])  # CPU tensors; the model may be on the GPU
+            dev = model.device
+            fw = model(batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                        media_vectors=batch["media_vectors"].to(dev), media_batch=batch["media_batch"].to(dev),
+                        media_pos=batch["media_pos"].to(dev),
+                        signals={m: (g["batch"].to(dev), g["start"].to(dev)) for m, g in batch["signals"].items()},
+                        logits_at=torch.zeros_like(batch["input_ids"], dtype=torch.bool, device=dev))  # the states only: no logits  # fmt: skip
             for m, g in batch["signals"].items():
                 has = g["has_target"]
-                feats[m].append(fw.states[m][has].float().clone())
+                feats[m].append(fw.states[m][has.to(dev)].float().cpu())
                 targets[m].append(g["target"][has].float().clone())
             if (i // forward_batch) % 10 == 0:
                 _say(f"refit: states {min(i + forward_batch, len(examples))}/{len(examples)}")
@@ -693,7 +721,7 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
                  for m, r in refit.get("report", {}).items()]  # fmt: skip
         refit_text = (
             f"Projector refit on the final LLM's signal states: {refit['dialogs']} stage-3 dialogs + {refit.get('varied', 0)} dialogs with "
-            f"varied, partial request wordings + {refit.get('conversations', 0)} multi-turn conversations + {refit.get('emphasis', 0)} conversations weighted to several outputs + {refit.get('fresh', 0)} of stage 7's conversations + {refit['pairs']} pairs per modality, "
+            f"varied, partial request wordings + {refit.get('conversations', 0)} multi-turn conversations + {refit.get('emphasis', 0)} conversations weighted to several outputs + {refit.get('fresh', 0)} of stage 7's conversations + {refit.get('fresh2', 0)} of stage 8's + {refit['pairs']} pairs per modality, "
             f"{refit['steps']} steps × batch {refit['batch_size']}, lr {refit['lr']:g}; {refit['seconds'] / 60:.1f} min "
             f"({refit['states_seconds'] / 60:.1f} of them computing the states). Held-out L2 (per query token):\n\n"
             "| modality | groups | before | after | predicting the mean |\n|---|---|---|---|---|\n" + "\n".join(lines)
@@ -719,6 +747,10 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
     if fresh:
         conv_data += (f"\n- stage 7: {fresh} new conversations (seed {TRAIN_SEEDS['fresh']}): references to an earlier output and "
                       "several outputs in one reply three times as often, recalls, edits and conversions twice")  # fmt: skip
+    fresh2 = data.get("spec", {}).get("fresh2")
+    if fresh2:
+        conv_data += (f"\n- stage 8: {fresh2} more new conversations (seed {TRAIN_SEEDS['fresh2']}): several outputs in one reply "
+                      "and recalls three times as often, references and questions about the last output twice")  # fmt: skip
     single = eval_result.get("single", eval_result) if eval_result else None
     dialogs = eval_result.get("dialogs") if eval_result else None
     text = f"""# NExT-GPT `{profile_name}` checkpoint (shapes world)
@@ -793,7 +825,7 @@ def _plan(args) -> Plan:
     if args.conversations is not None:
         plan.conversations = args.conversations
     # each stage from 4 on continues the one before it: without its data a stage goes, and the ones after it
-    needs = {4: plan.conversations, 5: plan.emphasis, 6: plan.emphasis, 7: plan.fresh}
+    needs = {4: plan.conversations, 5: plan.emphasis, 6: plan.emphasis, 7: plan.fresh, 8: plan.fresh2}
     missing = min((s for s, n in needs.items() if not n and s in plan.stages), default=None)
     for s in [s for s in plan.stages if missing is not None and s >= missing]:
         plan.stages.pop(s)
@@ -805,7 +837,7 @@ def _refit_plan(args) -> RefitPlan:
 
     rp = copy.deepcopy(REFIT_SMOKE if args.smoke else REFIT_FULL)
     if args.refit:
-        for name, v in zip(("dialogs", "pairs", "steps", "varied", "conversations", "emphasis", "fresh"), args.refit.split(",")):
+        for name, v in zip(("dialogs", "pairs", "steps", "varied", "conversations", "emphasis", "fresh", "fresh2"), args.refit.split(",")):
             if v.strip():
                 setattr(rp, name, int(v))
     return rp
