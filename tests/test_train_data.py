@@ -393,3 +393,36 @@ def test_epoch_sampler_groups_batches_by_length():
 
     with pytest.raises(ValueError, match="group_by_length"):
         TrainConfig(stage=3, output_dir="unused", group_by_length=-1)
+
+
+def test_isolated_later_groups_give_the_states_generate_reads(tiny_model):
+    """The refit's `isolate_later_groups` (for profiles with generation.isolate_groups): a reply's second
+    group is read after the context + only the words since the first group, exactly the sequence
+    `generate(isolate_groups=True)` re-reads; the first group stays in the whole example, and a group
+    in a later reply with no group before it in that reply is left alone."""
+    from nextgpt.model import Message
+    from training.trainer import Example, isolate_later_groups
+
+    tok = tiny_model.tokenizer
+    img, aud = (tok.convert_tokens_to_ids(MODALITIES[m].signal_tokens) for m in ("image", "audio"))
+    prompt = tiny_model.build_inputs([Message("user", "a picture and a sound")])[1]
+    words1, words2 = tok.encode("a red circle", add_special_tokens=False), tok.encode(" and a high beep", add_special_tokens=False)
+    reply = words1 + img + words2 + aud
+    turn2 = tok.encode(" next please", add_special_tokens=False)  # an unlabelled user turn, then a reply with one group
+    ids = prompt + reply + turn2 + words1 + img
+    labels = [-100] * len(prompt) + reply + [-100] * len(turn2) + words1 + img
+    a1, a2, b1 = len(prompt) + len(words1), len(prompt) + len(words1) + len(img) + len(words2), len(ids) - len(img)
+    e = Example(ids, labels, signals=[(a1, "image", "x"), (a2, "audio", "y"), (b1, "image", "z")])
+    whole, alone = isolate_later_groups([e])
+    assert whole.input_ids == ids and whole.signals == [(a1, "image", "x"), (b1, "image", "z")]
+    assert alone.input_ids == prompt + words2 + aud and alone.signals == [(len(prompt) + len(words2), "audio", "y")]
+    assert alone.labels[: len(prompt)] == [-100] * len(prompt) and alone.labels[len(prompt):] == words2 + aud
+
+    with torch.inference_mode():  # the generate side: the prompt + the words since the first group + the group
+        x = torch.tensor([prompt + words2 + aud])
+        want = tiny_model(x, all_states=True).all_states[0, -len(aud):]
+        got = tiny_model(torch.tensor([alone.input_ids]), signals={"audio": (torch.tensor([0]), torch.tensor([alone.signals[0][0]]))}).states["audio"][0]
+        mixed = tiny_model(torch.tensor([ids]), signals={"audio": (torch.tensor([0]), torch.tensor([a2]))}).states["audio"][0]
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(mixed, want, atol=1e-3)  # read in the whole reply the state differs
+    assert isolate_later_groups([whole]) == [whole]  # nothing left to take out

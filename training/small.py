@@ -489,7 +489,7 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     from nextgpt.model import NextGPT
     from nextgpt.tokens import MODALITIES as SIGNALS
     from training.trainer import TargetCache, load_stage_data
-    from training.trainer.encode import Collator, DialogEncoder, MediaCache
+    from training.trainer.encode import Collator, DialogEncoder, MediaCache, isolate_later_groups
 
     last = final_llm_stage(plan)
     src, out = work / f"stage{last}", work / "refit"
@@ -504,6 +504,9 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     model = NextGPT.from_profile(profile, settings.cache_path)
     model.llm.eval()
     enc = DialogEncoder(model.tokenizer, model.template, model.system_prompt, plan.stages[last].max_length)
+    # the profile reads a reply's second and later groups apart (generation.isolate_groups): fit on those states
+    isolate = profile.generation.isolate_groups
+
     def with_outputs(key: str, limit: int | None = None) -> tuple[list, list]:
         """The dialogs of files[key] that have outputs (the first `limit`), and that file; none when absent or limit 0."""
         if key not in files or limit == 0:
@@ -530,13 +533,16 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     for name, (records, paths) in sources.items():
         if not records:
             continue
-        key = hashlib.sha256(json.dumps([llm_digest, _digest(paths), len(records), plan.stages[last].max_length, Path(args.targets_dir).name]).encode()).hexdigest()[:12]
+        parts = [llm_digest, _digest(paths), len(records), plan.stages[last].max_length, Path(args.targets_dir).name]
+        key = hashlib.sha256(json.dumps(parts + (["isolated"] if isolate else [])).encode()).hexdigest()[:12]
         saved = work / "refit-states" / f"{name}-{key}.safetensors"
         if saved.is_file():
             part = load_file(str(saved))
             _say(f"refit: signal states of the {len(records)} {name} from {saved}")
         else:
             examples = [e for e in (enc.encode(r) for r in records) if e is not None and e.signals]
+            if isolate:  # a reply's later groups as generate(isolate_groups=True) reads them
+                examples = isolate_later_groups(examples)
             needed = [(m, cap) for e in examples for _, m, cap in e.signals if cap]
             missing = cache.missing(needed)
             if missing:

@@ -185,6 +185,34 @@ class DialogEncoder:
 # batches
 
 
+def isolate_later_groups(examples: list[Example]) -> list[Example]:
+    """The examples as `generate(isolate_groups=True)` reads their signal groups: a group that follows
+    another group in the same reply is taken out and read in an example of its own — the context up to
+    that reply + only the reply's words since the previous group + the group (what inference re-reads
+    after the prompt), so the projector is fitted on the states it gets at inference. A reply is a
+    run of labelled tokens; its context is everything before it."""
+    out = []
+    for e in examples:
+        kept, extra = [], []
+        for k, (start, modality, caption) in enumerate(e.signals):
+            reply = start
+            while reply > 0 and e.labels[reply - 1] != IGNORE:
+                reply -= 1
+            prev = e.signals[k - 1] if k else None
+            if prev is None or prev[0] < reply:  # the reply's first group: read as it is
+                kept.append((start, modality, caption))
+                continue
+            since, end = prev[0] + MODALITIES[prev[1]].num_tokens, start + MODALITIES[modality].num_tokens
+            extra.append(Example(
+                input_ids=e.input_ids[:reply] + e.input_ids[since:end], labels=e.labels[:reply] + e.labels[since:end],
+                media=[m for m in e.media if m[0] < reply], signals=[(reply + start - since, modality, caption)],
+                source=e.source,
+            ))  # fmt: skip
+        out.append(Example(e.input_ids, e.labels, e.media, kept, e.source) if len(kept) < len(e.signals) else e)
+        out += extra
+    return out
+
+
 def with_signals(text: str, outputs) -> str:
     """The reply as the model writes it: each output's signal group where it is mentioned
     (`Output.at`, a character offset) or, by default, at the end, in the order of the outputs."""
