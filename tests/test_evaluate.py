@@ -186,3 +186,14 @@ def test_dialog_eval_keeps_the_replies_that_hit_the_token_limit(settings, tiny_a
     kept = [t for c in cases for t in c.get("length_turns", [])]
     assert result["length_finishes"] == len(kept) > 0
     assert all(isinstance(t["text"], str) and t["turn"] >= 0 for t in kept)
+
+
+def test_train_small_stage_8_is_opt_in():
+    """`make train-small` runs stages 1-7 (what the committed weights were trained with); `--fresh2 N`
+    adds stage 8 on N more conversations, and its conversations join the refit."""
+    from training.small import _plan, _refit_plan, build_parser
+
+    assert sorted(_plan(build_parser().parse_args([])).stages) == [1, 2, 3, 4, 5, 6, 7]
+    plan = _plan(build_parser().parse_args(["--fresh2", "800"]))
+    assert sorted(plan.stages) == [1, 2, 3, 4, 5, 6, 7, 8] and plan.fresh2 == 800
+    assert _refit_plan(build_parser().parse_args(["--refit", ",,,,,,,400"])).fresh2 == 400
