@@ -30,13 +30,17 @@ Steps (every one deterministic, every one skipped when its output is already com
    Stage 7 (`<work>/stage7`, from stage 6): fresh conversations (seed 7, none seen before) weighted to
    the scenarios still weakest after stage 6: references to an earlier output and several outputs in
    one reply ×3, recalls, edits and conversions ×2.
-   `--bf16`: stages 3-7 in bfloat16 autocast (the trainer's `--mixed-precision bf16`).
+   Stage 8 (`<work>/stage8`, from stage 7; only with `--fresh2 N`): N more new conversations (seed 8)
+   weighted to the scenarios weakest after stage 7 + refit (multi and recall ×3, refer and ask ×2).
+   `--bf16`: stages 3-8 in bfloat16 autocast (the trainer's `--mixed-precision bf16`).
 6. refit (`<work>/refit`): the output projectors refitted on the final LLM's states at the signal
-   tokens of the stage-3 dialogs, the pairs, stage 4's, 5's and 7's conversations (5's hold
+   tokens of the stage-3 dialogs, the pairs, stage 4's, 5's, 7's (and 8's) conversations (5's hold
    the replies with two or three outputs, whose groups the projector otherwise barely saw) and extra dialogs whose requests name
    the output in varied, partial wordings ("draw a blue square"; `write_dialogs(vary_captions=True)`, seed 4).
    The states are cached under `<work>/refit-states` (keyed by the LLM weights and the data), so a
-   second refit with other projector settings costs only the fitting.
+   second refit with other projector settings costs only the fitting. With the profile's
+   `generation.isolate_groups` (small), a reply's second and later groups are read as generate reads
+   them: the context + the words since the previous group + the group (`isolate_later_groups`).
 7. publish: the stage-3 checkpoint (nextgpt.safetensors, the LoRA adapter, meta.json; no optimizer
    state) into `--out` with a model card `README.md`; `--eval N` also runs `training.evaluate` on it
    and records the table in the card.
