@@ -127,6 +127,14 @@ def _memory(settings):
     return Memory.open(data_dir=settings.data_path)
 
 
+def _session_id(value: str) -> str:
+    """argparse type of a session id argument: an empty one (an unset shell variable, say) is an error,
+    not "no session"."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty session id (`nextgpt sessions` lists them)")
+    return value.strip()
+
+
 def _session_or_error(memory, session_id: str):
     from memory import SessionNotFound
 
@@ -328,11 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--no-log", action="store_true", help="don't save this exchange in memory")
     ask.add_argument("-c", "--continue", dest="continue_last", action="store_true",
                      help="continue the last session: the earlier turns are the context (\"now make it blue\")")
-    ask.add_argument("--session", metavar="ID", help="continue this session (id or unique prefix)")
+    ask.add_argument("--session", metavar="ID", type=_session_id, help="continue this session (id or unique prefix)")
 
     chat = add("chat", cmd_chat, "interactive chat with memory (/help inside lists commands)")
     chat.add_argument("-c", "--continue", dest="continue_last", action="store_true", help="continue the last session")
-    chat.add_argument("--session", "-s", help="resume this session (id or unique prefix)")
+    chat.add_argument("--session", "-s", type=_session_id, help="resume this session (id or unique prefix)")
     chat.add_argument("--no-stream", action="store_true", help="print replies when complete")
 
     sessions = add("sessions", cmd_sessions, "list saved sessions (id, title, turns, last used)")
@@ -340,11 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument("--json", action="store_true", help="print JSON")
 
     replay = add("replay", cmd_replay, "show a saved session with its media; --rerun re-executes it and compares")
-    replay.add_argument("session", help="session id (or unique prefix)")
+    replay.add_argument("session", type=_session_id, help="session id (or unique prefix)")
     replay.add_argument("--rerun", action="store_true", help="re-run the user turns with the recorded seeds and settings")
 
     export = add("export", cmd_export, "export a session as Markdown, self-contained HTML, or JSON")
-    export.add_argument("session", nargs="?", help="session id (or unique prefix)")
+    export.add_argument("session", nargs="?", type=_session_id, help="session id (or unique prefix)")
     export.add_argument("--format", "-f", choices=("md", "html", "json"), default="md")
     export.add_argument("--output", "-o", type=Path, help="file to write (default: session-ID.FORMAT here)")
     export.add_argument("--official", nargs=2, metavar=("SRC", "DST"), help="write a trained checkpoint SRC as the official pytorch_model.pt DST")
@@ -365,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_eval)
 
     delete = add("delete", cmd_delete, "delete a session and the media no other session uses")
-    delete.add_argument("session", help="session id (or unique prefix)")
+    delete.add_argument("session", type=_session_id, help="session id (or unique prefix)")
 
     doctor = add("doctor", cmd_doctor, "show the device, the profile and which weights are present or missing")
     doctor.add_argument("--repair", action="store_true",

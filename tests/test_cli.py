@@ -175,3 +175,14 @@ def test_ask_continue_drives_a_three_turn_edit(tmp_path, monkeypatch):
     assert json.loads(fresh.stdout)["session"] != sid  # without -c: a new session
     _assert_one_line_error(nextgpt("ask", "-p", "tiny", "--session", "nosuchsession", "hi"), "nosuchsession")
     _assert_one_line_error(nextgpt("ask", "-p", "tiny", "-c", "--no-log", "hi"), "--no-log")
+
+
+@pytest.mark.parametrize("argv", [["ask", "--session", "", "hi"], ["ask", "--session", "  ", "hi"], ["delete", ""], ["replay", " "]])
+def test_an_empty_session_id_is_an_error_not_a_new_session(argv, tmp_path, monkeypatch):
+    """`--session "$SID"` with SID unset must not quietly start a new session (or pick any)."""
+    monkeypatch.setenv("NEXTGPT_DATA", str(tmp_path / "data"))
+    r = nextgpt(*argv)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "empty session id" in r.stderr.splitlines()[-1]
+    listed = nextgpt("sessions", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []  # nothing was saved
