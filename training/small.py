@@ -573,8 +573,7 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     for m in SIGNALS:
         if not feats[m]:
             continue
-        proj = model.output_projectors[m]
-        dev = proj.fc.weight.device  # the profile's device (`auto`: the GPU); the cached states are on the CPU
+        dev = model.output_projectors[m].fc.weight.device  # the profile's device (`auto`: the GPU); the cached states are on the CPU
         X, Y = torch.cat(feats[m]).to(dev), torch.cat(targets[m]).to(dev)
         n = X.shape[0]
         perm = torch.randperm(n)
@@ -648,10 +647,10 @@ def signal_states(model, collate, examples, forward_batch: int) -> dict:
     feats: dict[str, list[torch.Tensor]] = {m: [] for m in SIGNALS}
     targets: dict[str, list[torch.Tensor]] = {m: [] for m in SIGNALS}
     examples = sorted(examples, key=lambda e: len(e.input_ids))  # less padding
+    dev = model.device  # the collator's batches are CPU tensors; the model may be on the GPU
     with torch.inference_mode():
         for i in range(0, len(examples), forward_batch):
-            batch = collate(examples[i : i + forward_batch])  # CPU tensors; the model may be on the GPU
-            dev = model.device
+            batch = collate(examples[i : i + forward_batch])
             fw = model(batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
                         media_vectors=batch["media_vectors"].to(dev), media_batch=batch["media_batch"].to(dev),
                         media_pos=batch["media_pos"].to(dev),
