@@ -140,6 +140,12 @@ def test_train_small_smoke(tmp_path, monkeypatch):
     assert main(args + ["--refit", ",,5"]) == 0
     assert load_checkpoint(out).meta["refit"]["plan"]["steps"] == 5
     assert {f: f.stat().st_mtime_ns for f in sorted((work / "refit-states").glob("*.safetensors"))} == stamps
+    # a finished stage selected alone needs nothing before it (a work folder holding only the weights to refit)
+    import shutil
+
+    shutil.rmtree(work / "stage7")
+    assert main(args + ["--stages", "8", "--refit", ",,4"]) == 0
+    assert load_checkpoint(out).meta["refit"]["plan"]["steps"] == 4
 
 
 @pytest.mark.slow

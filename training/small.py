@@ -899,7 +899,8 @@ def main(argv: list[str] | None = None) -> int:
             for stage in sorted(plan.stages):
                 if stage in wanted:
                     run_stage(stage, work, plan, files, args, state)
-                elif _final_step(work / f"stage{stage}") is None and stage + 1 in wanted:  # a selected stage starts from it
+                elif _final_step(work / f"stage{stage}") is None and stage + 1 in wanted \
+                        and _final_step(work / f"stage{stage + 1}") != plan.stages[stage + 1].steps:  # a selected, unfinished stage starts from it
                     raise UserError(f"stage {stage} is not complete and not selected (--stages)")
             if final_llm_stage(plan) in wanted and not args.no_refit:
                 refit_projectors(work, plan, _refit_plan(args), files, args, state)
