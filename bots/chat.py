@@ -32,6 +32,7 @@ from pathlib import Path
 
 from prompt_toolkit.completion import Completer
 
+from bots.quiet import quiet_logging
 from bots.render import describe, image_preview, preview_mode, printable
 
 log = logging.getLogger(__name__)
@@ -106,28 +107,6 @@ def _ago(when: datetime | None) -> str:
                 return f"{n} day{'s' if n > 1 else ''} ago" if n < 8 else when.astimezone().strftime("%Y-%m-%d %H:%M")
             return f"{n} {unit} ago"
     return "just now"
-
-
-def _setup_quiet_logging(data_dir: Path) -> Path | None:
-    """Library chatter goes to <data_dir>/chat.log instead of scribbling over the prompt."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm bars over the prompt
-    logging.captureWarnings(True)
-    root = logging.getLogger()
-    path = data_dir / "chat.log"
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        handler: logging.Handler = logging.FileHandler(path, encoding="utf-8", delay=True)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    except OSError:
-        handler, path = logging.NullHandler(), None
-    handler.setLevel(logging.WARNING)
-    root.addHandler(handler)  # a handler on root also keeps logging's last-resort stderr printer quiet
-    if root.level == logging.NOTSET or root.level > logging.WARNING:
-        root.setLevel(logging.WARNING)
-    return path
 
 
 # ------------------------------------------------------------------------------------ model loading
@@ -848,7 +827,7 @@ def run(settings, *, profile: str | None = None, session_id: str | None = None, 
     except Exception as e:
         print(f"nextgpt: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    log_path = _setup_quiet_logging(data_dir)
+    log_path = quiet_logging(data_dir)
 
     from assistant.agent import Assistant
 

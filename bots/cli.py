@@ -73,7 +73,9 @@ def cmd_ask(args) -> int:
         raise UserError("--no-log cannot be combined with --continue / --session (they add to a saved session)")
     if args.session:  # checked before the model loads
         _session_or_error(_memory(settings), args.session)
+    from bots.quiet import quiet_logging
 
+    quiet_logging(settings.data_path)  # stdout is the answer, stderr our own errors and warnings
     from assistant.agent import Assistant
 
     assistant = Assistant(settings, args.profile, output_dir=args.out)

@@ -11,7 +11,7 @@ import pytest
 
 
 def nextgpt(*args, timeout=300):
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_VERBOSITY") and k != "HF_HUB_DISABLE_PROGRESS_BARS"}
     return subprocess.run(
         [sys.executable, "-m", "bots.cli", *args], capture_output=True, text=True, timeout=timeout, env=env,
         cwd=Path(__file__).resolve().parent.parent,
@@ -38,6 +38,8 @@ def test_ask_json_with_image(tmp_path):
     png = Path(images[0]["path"])
     assert png.is_file() and png.parent == tmp_path and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "red" not in png.name and "circle" not in png.name  # named by content, not prompt
+    # no library chatter (progress bars, transformers' notices, a dependency's FutureWarning) on the terminal
+    assert r.stderr == ""
 
 
 @pytest.mark.slow
