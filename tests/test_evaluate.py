@@ -203,3 +203,6 @@ def test_train_small_stage_8_is_opt_in():
     plan = _plan(build_parser().parse_args(["--fresh2", "800"]))
     assert sorted(plan.stages) == [1, 2, 3, 4, 5, 6, 7, 8] and plan.fresh2 == 800
     assert _refit_plan(build_parser().parse_args(["--refit", ",,,,,,,400"])).fresh2 == 400
+    # without stage 8 the refit uses (and its plan, which the model card reads, records) none of its conversations
+    assert _refit_plan(build_parser().parse_args([])).fresh2 == 0
+    assert _refit_plan(build_parser().parse_args(["--fresh2", "800"])).fresh2 > 0

@@ -501,18 +501,19 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     last = final_llm_stage(plan)
     src, out = work / f"stage{last}", work / "refit"
     marker = f"{last}:{_final_step(src)}"  # which LLM the projectors were fitted to
-    if (out / META_FILE).is_file() and json.loads((out / META_FILE).read_text()).get("refit", {}).get("plan") == asdict(rp) \
-            and not args.restart and (out / "stage3-step").read_text().strip() == marker:  # fmt: skip
+    settings = load_settings(args.config)
+    profile = settings.profile(settings.profile_name(args.profile)).model_copy(update={"checkpoint": str(src)})
+    # the profile reads a reply's second and later groups apart (generation.isolate_groups): fit on those states
+    isolate = profile.generation.isolate_groups
+    done = json.loads((out / META_FILE).read_text()).get("refit", {}) if (out / META_FILE).is_file() else {}
+    if done.get("plan") == asdict(rp) and done.get("isolated", False) == isolate and not args.restart \
+            and (out / "stage3-step").read_text().strip() == marker:  # fmt: skip
         _say("refit: complete, skipped")
         return out
     t0 = time.perf_counter()
-    settings = load_settings(args.config)
-    profile = settings.profile(settings.profile_name(args.profile)).model_copy(update={"checkpoint": str(src)})
     model = NextGPT.from_profile(profile, settings.cache_path)
     model.llm.eval()
     enc = DialogEncoder(model.tokenizer, model.template, model.system_prompt, plan.stages[last].max_length)
-    # the profile reads a reply's second and later groups apart (generation.isolate_groups): fit on those states
-    isolate = profile.generation.isolate_groups
 
     def with_outputs(key: str, limit: int | None = None) -> tuple[list, list]:
         """The dialogs of files[key] that have outputs (the first `limit`), and that file; none when absent or limit 0."""
@@ -625,11 +626,11 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
         tensors[f"output_projectors.{k}"] = v.detach().float().cpu().contiguous()
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     meta = json.loads((src / META_FILE).read_text())
-    meta["refit"] = {"plan": asdict(rp), "examples": {k: len(v[0]) for k, v in sources.items()}, "report": report}
+    meta["refit"] = {"plan": asdict(rp), "isolated": isolate, "examples": {k: len(v[0]) for k, v in sources.items()}, "report": report}
     (out / "stage3-step").write_text(f"{marker}\n")
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     seconds = round(time.perf_counter() - t0, 1)
-    state["refit"] = {"seconds": seconds, "states_seconds": round(t_states, 1), "report": report, **asdict(rp)}
+    state["refit"] = {"seconds": seconds, "states_seconds": round(t_states, 1), "report": report, "isolated": isolate, **asdict(rp)}
     _save_state(work, state)
     _say(f"refit: done in {seconds / 60:.1f} min → {out}")
     return out
@@ -731,11 +732,14 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
     if refit:
         lines = [f"| {m} | {r['examples']} | {r['val_l2_before']} | {r['val_l2_after']} | {r['val_l2_predicting_the_mean']} |"
                  for m, r in refit.get("report", {}).items()]  # fmt: skip
+        stage8 = f" + {refit['fresh2']} of stage 8's" if refit.get("fresh2") else ""
+        isolated = (" A reply's second and later signal groups are fitted on the states generate reads for them"
+                    " (`generation.isolate_groups`: the context + the words since the previous group + the group).") if refit.get("isolated") else ""  # fmt: skip
         refit_text = (
             f"Projector refit on the final LLM's signal states: {refit['dialogs']} stage-3 dialogs + {refit.get('varied', 0)} dialogs with "
-            f"varied, partial request wordings + {refit.get('conversations', 0)} multi-turn conversations + {refit.get('emphasis', 0)} conversations weighted to several outputs + {refit.get('fresh', 0)} of stage 7's conversations + {refit.get('fresh2', 0)} of stage 8's + {refit['pairs']} pairs per modality, "
+            f"varied, partial request wordings + {refit.get('conversations', 0)} multi-turn conversations + {refit.get('emphasis', 0)} conversations weighted to several outputs + {refit.get('fresh', 0)} of stage 7's conversations{stage8} + {refit['pairs']} pairs per modality, "
             f"{refit['steps']} steps × batch {refit['batch_size']}, lr {refit['lr']:g}; {refit['seconds'] / 60:.1f} min "
-            f"({refit['states_seconds'] / 60:.1f} of them computing the states). Held-out L2 (per query token):\n\n"
+            f"({refit['states_seconds'] / 60:.1f} of them computing the states).{isolated} Held-out L2 (per query token):\n\n"
             "| modality | groups | before | after | predicting the mean |\n|---|---|---|---|---|\n" + "\n".join(lines)
         )
     else:
@@ -850,6 +854,8 @@ def _refit_plan(args) -> RefitPlan:
     import copy
 
     rp = copy.deepcopy(REFIT_SMOKE if args.smoke else REFIT_FULL)
+    if not _plan(args).fresh2:  # no stage 8: none of its conversations (the plan records what was used)
+        rp.fresh2 = 0
     if args.refit:
         for name, v in zip(("dialogs", "pairs", "steps", "varied", "conversations", "emphasis", "fresh", "fresh2"), args.refit.split(",")):
             if v.strip():
