@@ -2,6 +2,7 @@
 harness, the scoring and the files are what is tested)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -146,6 +147,17 @@ def test_train_small_smoke(tmp_path, monkeypatch):
     shutil.rmtree(work / "stage7")
     assert main(args + ["--stages", "8", "--refit", ",,4"]) == 0
     assert load_checkpoint(out).meta["refit"]["plan"]["steps"] == 4
+    assert load_checkpoint(out).meta["refit"]["isolated"] is False  # the default: the whole reply's states
+    # --isolated-refit with a profile that isolates its groups: refitted on the isolated states (cached apart)
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "config.yaml").read_text())
+    cfg["profiles"]["tiny"].setdefault("generation", {})["isolate_groups"] = True
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(args + ["--stages", "8", "--refit", ",,4", "--config", str(tmp_path / "config.yaml"), "--isolated-refit"]) == 0
+    assert load_checkpoint(out).meta["refit"]["isolated"] is True
+    assert "fitted on the states generate reads" in (out / "README.md").read_text()
+    assert len(list((work / "refit-states").glob("*.safetensors"))) > len(cached)
 
 
 @pytest.mark.slow

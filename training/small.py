@@ -39,8 +39,9 @@ Steps (every one deterministic, every one skipped when its output is already com
    the output in varied, partial wordings ("draw a blue square"; `write_dialogs(vary_captions=True)`, seed 4).
    The states are cached under `<work>/refit-states` (keyed by the LLM weights and the data), so a
    second refit with other projector settings costs only the fitting. With the profile's
-   `generation.isolate_groups` (small), a reply's second and later groups are read as generate reads
-   them: the context + the words since the previous group + the group (`isolate_later_groups`).
+   `generation.isolate_groups` (small) and `--isolated-refit`, a reply's second and later groups are read
+   as generate reads them: the context + the words since the previous group + the group
+   (`isolate_later_groups`; measured no better than the default whole-reply states, session 14).
 7. publish: the stage-3 checkpoint (nextgpt.safetensors, the LoRA adapter, meta.json; no optimizer
    state) into `--out` with a model card `README.md`; `--eval N` also runs `training.evaluate` on it
    and records the table in the card.
@@ -204,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dialogs", type=int, help="override the number of dialogs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's `threads` / torch's)")
     p.add_argument("--no-refit", action="store_true", help="skip the projector refit after stage 3")
+    p.add_argument("--isolated-refit", action="store_true",
+                   help="fit a reply's later signal groups on the states generate reads with the profile's isolate_groups "
+                        "(default: on the whole reply's states, as the committed weights)")  # fmt: skip
     p.add_argument("--refit", metavar="DIALOGS,PAIRS,STEPS,VARIED,CONVERSATIONS,EMPHASIS,FRESH,FRESH2", help="override the refit sizes (empty fields keep the plan's)")
     p.add_argument("--publish-partial", action="store_true",
                    help="publish the latest saved checkpoint (of the furthest stage) to --out without training")  # fmt: skip
@@ -503,8 +507,10 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     marker = f"{last}:{_final_step(src)}"  # which LLM the projectors were fitted to
     settings = load_settings(args.config)
     profile = settings.profile(settings.profile_name(args.profile)).model_copy(update={"checkpoint": str(src)})
-    # the profile reads a reply's second and later groups apart (generation.isolate_groups): fit on those states
-    isolate = profile.generation.isolate_groups
+    # --isolated-refit, when the profile reads a reply's second and later groups apart (generation.isolate_groups):
+    # fit on those states. Off by default: the committed weights were fitted on the whole reply's states, and
+    # the isolated fit measured no better (133 vs 135 of 160 conversations, docs/small-weights.md session 14)
+    isolate = profile.generation.isolate_groups and args.isolated_refit
     done = json.loads((out / META_FILE).read_text()).get("refit", {}) if (out / META_FILE).is_file() else {}
     if done.get("plan") == asdict(rp) and done.get("isolated", False) == isolate and not args.restart \
             and (out / "stage3-step").read_text().strip() == marker:  # fmt: skip
