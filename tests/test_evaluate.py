@@ -214,7 +214,11 @@ def test_train_small_stage_8_is_opt_in():
     assert sorted(_plan(build_parser().parse_args([])).stages) == [1, 2, 3, 4, 5, 6, 7]
     plan = _plan(build_parser().parse_args(["--fresh2", "800"]))
     assert sorted(plan.stages) == [1, 2, 3, 4, 5, 6, 7, 8] and plan.fresh2 == 800
-    assert _refit_plan(build_parser().parse_args(["--refit", ",,,,,,,400"])).fresh2 == 400
+    def refit_plan(argv):
+        args = build_parser().parse_args(argv)
+        return _refit_plan(args, _plan(args))
+
+    assert refit_plan(["--refit", ",,,,,,,400"]).fresh2 == 400
     # without stage 8 the refit uses (and its plan, which the model card reads, records) none of its conversations
-    assert _refit_plan(build_parser().parse_args([])).fresh2 == 0
-    assert _refit_plan(build_parser().parse_args(["--fresh2", "800"])).fresh2 > 0
+    assert refit_plan([]).fresh2 == 0
+    assert refit_plan(["--fresh2", "800"]).fresh2 > 0

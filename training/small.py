@@ -362,6 +362,12 @@ def _final_step(out: Path) -> int | None:
     return int(json.loads(f.read_text()).get("step", 0))
 
 
+def _complete(work: Path, plan: Plan, stage: int) -> bool:
+    """Whether `<work>/stage<N>` holds its final checkpoint at the planned step count (or more)."""
+    done = _final_step(work / f"stage{stage}")
+    return done is not None and done >= plan.stages[stage].steps
+
+
 def _has_checkpoints(out: Path) -> bool:
     root = out / "checkpoints"
     return root.is_dir() and any((d / "trainer_state" / "complete").is_file() for d in root.glob("step-*"))
@@ -373,9 +379,8 @@ def run_stage(stage: int, work: Path, plan: Plan, files: dict[str, Path], args, 
     sp = plan.stages[stage]
     out = work / f"stage{stage}"
     rec = state["stages"].setdefault(str(stage), {"seconds": 0.0})
-    done = _final_step(out)
-    if done is not None and done >= sp.steps and not args.restart:
-        _say(f"stage {stage}: complete ({done} steps), skipped")
+    if _complete(work, plan, stage) and not args.restart:
+        _say(f"stage {stage}: complete ({_final_step(out)} steps), skipped")
         return out
     if stage in (1, 2):
         data = [str(files[m]) for m in MODALITIES]
@@ -856,11 +861,11 @@ def _plan(args) -> Plan:
     return plan
 
 
-def _refit_plan(args) -> RefitPlan:
+def _refit_plan(args, plan: Plan) -> RefitPlan:
     import copy
 
     rp = copy.deepcopy(REFIT_SMOKE if args.smoke else REFIT_FULL)
-    if not _plan(args).fresh2:  # no stage 8: none of its conversations (the plan records what was used)
+    if not plan.fresh2:  # no stage 8: none of its conversations (the plan records what was used)
         rp.fresh2 = 0
     if args.refit:
         for name, v in zip(("dialogs", "pairs", "steps", "varied", "conversations", "emphasis", "fresh", "fresh2"), args.refit.split(",")):
@@ -906,16 +911,16 @@ def main(argv: list[str] | None = None) -> int:
             state["inputs"] = fp
         args.targets_dir = str(targets_dir(work, state.get("inputs", fp)))
         if not args.publish_partial:
-            files = make_data(work, plan, state, varied=0 if args.no_refit else _refit_plan(args).varied)
+            files = make_data(work, plan, state, varied=0 if args.no_refit else _refit_plan(args, plan).varied)
             wanted = {int(s) for s in args.stages.split(",") if s.strip()}
             for stage in sorted(plan.stages):
                 if stage in wanted:
                     run_stage(stage, work, plan, files, args, state)
                 elif _final_step(work / f"stage{stage}") is None and stage + 1 in wanted \
-                        and _final_step(work / f"stage{stage + 1}") != plan.stages[stage + 1].steps:  # a selected, unfinished stage starts from it
+                        and (args.restart or not _complete(work, plan, stage + 1)):  # a selected stage that will train starts from it
                     raise UserError(f"stage {stage} is not complete and not selected (--stages)")
             if final_llm_stage(plan) in wanted and not args.no_refit:
-                refit_projectors(work, plan, _refit_plan(args), files, args, state)
+                refit_projectors(work, plan, _refit_plan(args, plan), files, args, state)
         found = latest_checkpoint(work, plan)
         if found is None:
             raise UserError(f"nothing to publish under {work}")
