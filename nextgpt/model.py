@@ -10,6 +10,7 @@ The core stops at `prompt_embeds`: rendering them into media is the decoder tool
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,11 @@ from nextgpt.messages import MediaInput, Message  # noqa: F401  (re-exported: ne
 from nextgpt.projectors import InputProjection, OutputProjector
 from nextgpt.sampling import Warpers
 from nextgpt.tokens import MEDIA_END, MEDIA_START, MODALITIES
+
+# isolate_groups="restated": a later output's words ("and a purple circle on the center.") become a request
+# and reply of their own ("a purple circle on the center." / "Here is a purple circle on the center.")
+RESTATE_LEAD = "Here is "
+_LEADING_LINK = re.compile(r"^[\s,;:&+]*(?:(?:and|also|then|plus|as well as)\b[\s,]*)*", re.IGNORECASE)
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -312,7 +318,7 @@ class NextGPT(nn.Module):
         on_text: Callable[[str], None] | None = None,
         cache: PromptCache | None = None,
         stop: Iterable[str] = (),
-        isolate_groups: bool = False,
+        isolate_groups: bool | str = False,
     ) -> Reply:
         """Sample a reply. When a modality's first signal token is sampled, its remaining N−1 tokens
         are forced (the official code asserted and crashed when the sampler strayed). Modalities in
@@ -330,7 +336,13 @@ class NextGPT(nn.Module):
         `isolate_groups`: a reply with several signal groups takes the states of the second and later
         groups from a re-read of the prompt + only the words since the previous group + the group, as
         if that output were the reply's only one (a small LLM's state at a second group mixes both
-        things named). The cache then keeps the prompt; the next turn prefills the reply with it."""
+        things named). The cache then keeps the prompt; the next turn prefills the reply with it.
+        `isolate_groups="restated"`: a later group's words are re-read as a request of their own, in a fresh
+        context: the user says them ("and a purple circle" → "a purple circle"), the reply is "Here is" +
+        them + the group, the states the model has for a single request. The conversation's cache
+        keeps the whole reply."""
+        if isolate_groups not in (False, True, "restated"):
+            raise ValueError(f"isolate_groups must be false, true or 'restated', got {isolate_groups!r}")
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         stops = self.stop_strings + [s for s in stop if s and s not in self.stop_strings]
@@ -428,13 +440,18 @@ class NextGPT(nn.Module):
 
         t3 = time.perf_counter()
         fed = keys + ids  # what the LLM's cache holds when the reply is done
-        if isolate_groups and len(emitted) > 1:  # re-read each later group after the prompt + its own words
+        if isolate_groups is True and len(emitted) > 1:  # re-read each later group after the prompt + its own words
             for (before, prev), (modality, start) in zip(emitted, emitted[1:]):
                 since, n = prev + MODALITIES[before].num_tokens, MODALITIES[modality].num_tokens
                 self._cut(run, n_prompt)
                 states[start : start + n] = self._states(run, ids[since : start + n])[start - since :]
             self._cut(run, n_prompt)
             fed = keys
+        self._finish(run, cache, fed)
+        if isolate_groups == "restated":  # the conversation's run is done with; each later group gets a fresh one
+            for (before, prev), (modality, start) in zip(emitted, emitted[1:]):
+                since, n = prev + MODALITIES[before].num_tokens, MODALITIES[modality].num_tokens
+                states[start : start + n] = self._restated_states(ids[since:start], modality) or states[start : start + n]
         signals = []
         for modality, start in emitted:
             n = MODALITIES[modality].num_tokens
@@ -446,8 +463,21 @@ class NextGPT(nn.Module):
         if on_text is not None and len(text) > streamed:
             on_text(self._text(ids)[streamed:].rstrip())
         trace = self.tokenizer.decode(ids, skip_special_tokens=False)
-        self._finish(run, cache, fed)
         return Reply(text=text, trace=trace, signals=signals, token_ids=ids, finish_reason=finish, timings=timings)
+
+    def _restated_states(self, words: list[int], modality: str) -> list[torch.Tensor]:
+        """`isolate_groups="restated"`: the signal states of a `modality` group whose words are `words`
+        (token ids), read as the only output of a one-turn conversation: user: the words without their
+        leading "and"/","; assistant: RESTATE_LEAD + them + the group. [] when no words are left."""
+        said = _LEADING_LINK.sub("", self._text(words)).strip()
+        if not said:
+            return []
+        inputs, keys = self.build_inputs([Message("user", said)])
+        tokens = self.tokenizer(RESTATE_LEAD + said, add_special_tokens=False)["input_ids"] + self.signal_ids[modality]
+        _, side = self._prefill(inputs, keys, None)  # uncached: the conversation's cache is left alone
+        states = self._states(side, tokens)
+        self._finish(side, None, keys + tokens)
+        return states[-len(self.signal_ids[modality]) :]
 
     # ------------------------------------------------------------------ the LLM steps generate runs
     # (transformers here; nextgpt/llama_backend.py overrides them and shares the loop above)

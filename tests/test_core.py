@@ -344,6 +344,57 @@ def test_a_caller_stop_string_ends_generation_early(tiny_model):
     assert len(stopped.token_ids) <= k < len(full.token_ids)
 
 
+def _scripted_sampler(model, script: list[int]):
+    """A stand-in for `_sample` that says `script` (first signal tokens included; the rest of a group is
+    forced by generate as always), then ends the reply: the tiny random model's own picks put no words
+    between groups, and "restated" needs them."""
+    said = iter(script)
+    return lambda *a, **k: next(said, model.tokenizer.eos_token_id)
+
+
+def test_restated_groups_read_their_words_as_a_request_of_their_own(tiny_model, monkeypatch):
+    """`isolate_groups="restated"`: the words, the first group and the cache are those of the plain reply;
+    a later group's states are those of a fresh one-turn conversation — user: its words without the
+    leading "and", assistant: "Here is" + them + the group (checked against one plain forward pass)."""
+    from nextgpt.model import RESTATE_LEAD, PromptCache
+
+    tok = tiny_model.tokenizer
+    words = tok.encode(" and a purple circle on the center.", add_special_tokens=False)
+    script = tok.encode("a beep", add_special_tokens=False) + [tiny_model.signal_ids["audio"][0]] + words + \
+        [tiny_model.signal_ids["image"][0]]  # fmt: skip
+    messages = [Message("user", "a beep and a purple circle please")]
+    kw = dict(temperature=0, max_new_tokens=len(script) + 20)  # (the tiny tokenizer spells words out)
+    monkeypatch.setattr(tiny_model, "_sample", _scripted_sampler(tiny_model, script))
+    plain = tiny_model.generate(messages, **kw)
+    monkeypatch.setattr(tiny_model, "_sample", _scripted_sampler(tiny_model, script))
+    cache = PromptCache()
+    restated = tiny_model.generate(messages, isolate_groups="restated", cache=cache, **kw)
+    assert restated.token_ids == plain.token_ids and [s.modality for s in restated.signals] == ["audio", "image"]
+    assert torch.equal(restated.signals[0].prompt_embeds, plain.signals[0].prompt_embeds)
+    said = "a purple circle on the center."
+    prompt, _ = tiny_model.build_inputs([Message("user", said)])
+    piece = torch.tensor(tok.encode(RESTATE_LEAD + said, add_special_tokens=False) + tiny_model.signal_ids["image"])
+    x = torch.cat([prompt, tiny_model.llm.get_input_embeddings()(piece)[None]], dim=1)
+    n = MODALITIES["image"].num_tokens
+    with torch.inference_mode():
+        want = tiny_model.output_projectors["image"](tiny_model(inputs_embeds=x, all_states=True).all_states[:, -n:])
+    assert torch.allclose(restated.signals[1].prompt_embeds, want, atol=1e-4)
+    assert not torch.allclose(restated.signals[1].prompt_embeds, plain.signals[1].prompt_embeds, atol=1e-3)
+    # the cache kept the whole reply: the next turn reuses it and equals one without a cache
+    later = messages + [Message("assistant", restated.trace), Message("user", "again")]
+    monkeypatch.undo()
+    a = tiny_model.generate(later, temperature=0, max_new_tokens=5, cache=cache)
+    assert a.timings["prefill_tokens"] < len(tiny_model.build_inputs(later)[1]) - len(restated.token_ids)
+    assert a.token_ids == tiny_model.generate(later, temperature=0, max_new_tokens=5).token_ids
+    # groups with no words between them (forced at the reply's end) keep their plain states
+    back_to_back = tiny_model.generate(messages, want=["image", "audio"], temperature=0, max_new_tokens=2,
+                                       isolate_groups="restated")  # fmt: skip
+    again = tiny_model.generate(messages, want=["image", "audio"], temperature=0, max_new_tokens=2)
+    assert all(torch.equal(p.prompt_embeds, q.prompt_embeds) for p, q in zip(back_to_back.signals, again.signals))
+    with pytest.raises(ValueError, match="isolate_groups"):
+        tiny_model.generate(messages, isolate_groups="yes")
+
+
 def test_isolated_groups_take_their_states_from_their_own_words(tiny_model):
     """`isolate_groups`: the words and the first group are unchanged; a later group's states are those of
     the prompt + only the words since the previous group + the group, read afresh (checked against one

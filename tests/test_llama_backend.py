@@ -214,6 +214,31 @@ def test_isolated_groups_match_transformers(tiny_gguf_models):
         fast.generate(later, temperature=0, max_new_tokens=4).token_ids
 
 
+def test_restated_groups_match_transformers(tiny_gguf_models, monkeypatch):
+    """`isolate_groups="restated"` on llama.cpp (a later group's words read as a request of their own, in the
+    scratch KV sequence) gives the transformers path's states, and leaves the conversation's sequence
+    whole: the cached next turn reuses the reply and equals an uncached one."""
+    from nextgpt.model import Message, PromptCache
+
+    reference, fast, _, _ = tiny_gguf_models
+    tok = reference.tokenizer
+    script = tok.encode("a beep", add_special_tokens=False) + [reference.signal_ids["audio"][0]] + \
+        tok.encode(" and a red circle.", add_special_tokens=False) + [reference.signal_ids["image"][0]]  # fmt: skip
+    kw = dict(max_new_tokens=len(script) + 20, temperature=0, isolate_groups="restated")
+    for model in (reference, fast):
+        monkeypatch.setattr(model, "_sample", lambda *a, said=iter(script), **k: next(said, tok.eos_token_id))
+    cache = PromptCache()
+    a, b = reference.generate(_messages(), **kw), fast.generate(_messages(), cache=cache, **kw)
+    assert a.token_ids == b.token_ids and [s.modality for s in b.signals] == ["audio", "image"]
+    for sa, sb in zip(a.signals, b.signals):
+        assert _cos(sa.prompt_embeds, sb.prompt_embeds) >= 0.99, sa.modality
+    monkeypatch.undo()
+    later = _messages() + [Message("assistant", b.trace), Message("user", "again")]
+    c = fast.generate(later, temperature=0, max_new_tokens=4, cache=cache)
+    assert c.timings["prefill_tokens"] < len(fast.build_inputs(later)[1]) - len(b.token_ids)  # the reply was kept
+    assert c.token_ids == fast.generate(later, temperature=0, max_new_tokens=4).token_ids
+
+
 def test_next_token_logits_and_states_match_transformers(tiny_gguf_models):
     """The prompt's next-token logits and last hidden state (media in their slots) against the
     transformers path; the random tiny model's logits are nearly flat, so compare vectors, not argmax."""

@@ -515,7 +515,7 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     # --isolated-refit, when the profile reads a reply's second and later groups apart (generation.isolate_groups):
     # fit on those states. Off by default: the committed weights were fitted on the whole reply's states, and
     # the isolated fit measured no better (133 vs 135 of 160 conversations, docs/small-weights.md session 14)
-    isolate = profile.generation.isolate_groups and args.isolated_refit
+    isolate = profile.generation.isolate_groups is True and args.isolated_refit  # ("restated" reads single-request states)
     done = json.loads((out / META_FILE).read_text()).get("refit", {}) if (out / META_FILE).is_file() else {}
     if done.get("plan") == asdict(rp) and done.get("isolated", False) == isolate and not args.restart \
             and (out / "stage3-step").read_text().strip() == marker:  # fmt: skip
