@@ -293,7 +293,7 @@ class LlamaContext:
         cparams.n_seq_max = 2  # 0: the cached conversation; 1: scratch for calls without a PromptCache
         # one KV buffer per sequence: in a unified buffer the scratch sequence's cells, freed after each
         # uncached call, sat between the conversation's, and every later token attended over both
-        cparams.kv_unified = kv_unified
+        cparams.kv_unified = self.kv_unified = kv_unified
         cparams.n_ctx = n_ctx if kv_unified else 2 * n_ctx
         cparams.n_batch = cparams.n_ubatch = self.n_batch = min(n_batch, n_ctx)
         cparams.n_threads = cparams.n_threads_batch = n_threads
@@ -479,13 +479,14 @@ class LlamaCppNextGPT(NextGPT):
         ctx = self.context
         rows = inputs[0].float().numpy()
         reused = 0
-        ctx.use(0 if cache is not None else 1)  # an uncached call leaves the cached conversation alone
-        if cache is not None:
-            for a, b in zip(ctx.keys, keys):
-                if a != b:
-                    break
-                reused += 1
-            reused = min(reused, len(keys) - 1)  # the next token's logits come from the last fed position
+        # an uncached call leaves the cached conversation alone: it runs in the scratch sequence, reusing the
+        # prefix it shares with the last uncached call (side reads share the system prompt)
+        ctx.use(0 if cache is not None else 1)
+        for a, b in zip(ctx.keys, keys):
+            if a != b:
+                break
+            reused += 1
+        reused = min(reused, len(keys) - 1)  # the next token's logits come from the last fed position
         ctx.keep(reused)
         if len(keys) - reused > 1:
             ctx.prefill(rows[reused:-1], keys[reused:-1])
@@ -516,8 +517,12 @@ class LlamaCppNextGPT(NextGPT):
     def _finish(self, run: Run, cache, keys: list) -> None:
         if cache is not None:  # llama.cpp's KV cache holds the prompt and every token fed since
             cache.store(None, keys)
-        else:  # free the scratch sequence
+        elif self.context.kv_unified:  # free the scratch sequence's cells, which would sit among the conversation's
             self.context.keep(0)
+        # else the scratch sequence keeps what it holds, in its own KV buffer, for the next uncached call's prefix
+
+    def _side_cache(self) -> None:
+        return None  # side reads go to the scratch sequence, which reuses its prefix itself
 
     def _exact_new_logits(self, logits: np.ndarray, hidden: np.ndarray) -> np.ndarray:
         """The 38 new tokens' logits in fp32 from the hidden state (the GGUF holds their rows quantised)."""

@@ -474,10 +474,16 @@ class NextGPT(nn.Module):
             return []
         inputs, keys = self.build_inputs([Message("user", said)])
         tokens = self.tokenizer(RESTATE_LEAD + said, add_special_tokens=False)["input_ids"] + self.signal_ids[modality]
-        _, side = self._prefill(inputs, keys, None)  # uncached: the conversation's cache is left alone
+        side_cache = self._side_cache()  # not the conversation's: that one is left alone
+        _, side = self._prefill(inputs, keys, side_cache)
         states = self._states(side, tokens)
-        self._finish(side, None, keys + tokens)
+        self._finish(side, side_cache, keys + tokens)
         return states[-len(self.signal_ids[modality]) :]
+
+    def _side_cache(self) -> PromptCache | None:
+        """The cache of side reads (restated groups): their own, so that the next one reuses the prefix they
+        share (the system prompt), ~2/3 of what each would prefill."""
+        return self.__dict__.setdefault("_side_prompt_cache", PromptCache())
 
     # ------------------------------------------------------------------ the LLM steps generate runs
     # (transformers here; nextgpt/llama_backend.py overrides them and shares the loop above)

@@ -285,10 +285,20 @@ def test_prefix_cache_reused_across_turns(tiny_gguf_models):
     second = fast.generate(history, max_new_tokens=4, temperature=0, want=["image"], cache=cache)
     # only the new turn is decoded: the first turn's prompt and reply stay in llama.cpp's KV cache
     assert second.timings["prefill_tokens"] <= second.timings["prompt_tokens"] - first.timings["prompt_tokens"]
+    fast.context.use(1)
+    fast.context.keep(0)  # an empty scratch sequence: the uncached call below computes every position
     fresh = fast.generate(history, max_new_tokens=4, temperature=0, want=["image"])
     assert fresh.timings["prefill_tokens"] == fresh.timings["prompt_tokens"]
     assert fresh.token_ids == second.token_ids
     assert _cos(fresh.signals[0].prompt_embeds, second.signals[0].prompt_embeds) >= 0.999
+    # uncached calls reuse the prefix they share in the scratch sequence (side reads share the system
+    # prompt), with the same result; the conversation's sequence was left alone: its next turn reuses it
+    again = fast.generate(history, max_new_tokens=4, temperature=0, want=["image"])
+    assert again.timings["prefill_tokens"] < again.timings["prompt_tokens"] and again.token_ids == fresh.token_ids
+    assert _cos(again.signals[0].prompt_embeds, fresh.signals[0].prompt_embeds) >= 0.999
+    history += [Message("assistant", second.trace), Message("user", "and bigger")]
+    third = fast.generate(history, max_new_tokens=4, temperature=0, want=["image"], cache=cache)
+    assert third.timings["prefill_tokens"] <= third.timings["prompt_tokens"] - second.timings["prompt_tokens"]
 
 
 def test_non_gguf_source_is_a_clear_error(settings, tmp_path):
