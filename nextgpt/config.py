@@ -98,7 +98,7 @@ class GenerationConfig(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(0, ge=0, le=2**63 - 1)
-    isolate_groups: bool | Literal["restated"] = Field(
+    isolate_groups: bool | Literal["restated", "restated_all"] = Field(
         False, description="a reply's second and later signal groups take their states from the words since the previous "
         "group alone (true), or from those words re-read as a one-turn request of their own ('restated'); see "
         "NextGPT.generate; off = the official way")

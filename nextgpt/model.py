@@ -341,8 +341,8 @@ class NextGPT(nn.Module):
         context: the user says them ("and a purple circle" → "a purple circle"), the reply is "Here is" +
         them + the group, the states the model has for a single request. The conversation's cache
         keeps the whole reply."""
-        if isolate_groups not in (False, True, "restated"):
-            raise ValueError(f"isolate_groups must be false, true or 'restated', got {isolate_groups!r}")
+        if isolate_groups not in (False, True, "restated", "restated_all"):
+            raise ValueError(f"isolate_groups must be false, true, 'restated' or 'restated_all', got {isolate_groups!r}")
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         stops = self.stop_strings + [s for s in stop if s and s not in self.stop_strings]
@@ -448,10 +448,13 @@ class NextGPT(nn.Module):
             self._cut(run, n_prompt)
             fed = keys
         self._finish(run, cache, fed)
-        if isolate_groups == "restated":  # the conversation's run is done with; each later group gets a fresh one
-            for (before, prev), (modality, start) in zip(emitted, emitted[1:]):
-                since, n = prev + MODALITIES[before].num_tokens, MODALITIES[modality].num_tokens
-                states[start : start + n] = self._restated_states(ids[since:start], modality) or states[start : start + n]
+        if isolate_groups in ("restated", "restated_all"):  # the conversation's run is done with: fresh ones
+            for k, (modality, start) in enumerate(emitted):
+                if k == 0 and isolate_groups == "restated":
+                    continue
+                since = 0 if k == 0 else emitted[k - 1][1] + MODALITIES[emitted[k - 1][0]].num_tokens
+                n = MODALITIES[modality].num_tokens
+                states[start : start + n] = self._restated_states(ids[since:start], modality, first=k == 0) or states[start : start + n]
         signals = []
         for modality, start in emitted:
             n = MODALITIES[modality].num_tokens
@@ -465,7 +468,7 @@ class NextGPT(nn.Module):
         trace = self.tokenizer.decode(ids, skip_special_tokens=False)
         return Reply(text=text, trace=trace, signals=signals, token_ids=ids, finish_reason=finish, timings=timings)
 
-    def _restated_states(self, words: list[int], modality: str) -> list[torch.Tensor]:
+    def _restated_states(self, words: list[int], modality: str, first: bool = False) -> list[torch.Tensor]:
         """`isolate_groups="restated"`: the signal states of a `modality` group whose words are `words`
         (token ids), read as the only output of a one-turn conversation: user: the words without their
         leading "and"/","; assistant: RESTATE_LEAD + them + the group. [] when no words are left."""
@@ -473,7 +476,8 @@ class NextGPT(nn.Module):
         if not said:
             return []
         inputs, keys = self.build_inputs([Message("user", said)])
-        tokens = self.tokenizer(RESTATE_LEAD + said, add_special_tokens=False)["input_ids"] + self.signal_ids[modality]
+        reply = said if first else RESTATE_LEAD + said  # a reply's first words already open a reply
+        tokens = self.tokenizer(reply, add_special_tokens=False)["input_ids"] + self.signal_ids[modality]
         side_cache = self._side_cache()  # not the conversation's: that one is left alone
         _, side = self._prefill(inputs, keys, side_cache)
         states = self._states(side, tokens)

@@ -352,6 +352,17 @@ def _scripted_sampler(model, script: list[int]):
     return lambda *a, **k: next(said, model.tokenizer.eos_token_id)
 
 
+def _one_turn_output(model, user: str, reply: str, modality: str) -> torch.Tensor:
+    """The projector's output for a `modality` group after user: `user`, assistant: `reply`, in one plain
+    forward pass."""
+    prompt, _ = model.build_inputs([Message("user", user)])
+    piece = torch.tensor(model.tokenizer.encode(reply, add_special_tokens=False) + model.signal_ids[modality])
+    x = torch.cat([prompt, model.llm.get_input_embeddings()(piece)[None]], dim=1)
+    n = MODALITIES[modality].num_tokens
+    with torch.inference_mode():
+        return model.output_projectors[modality](model(inputs_embeds=x, all_states=True).all_states[:, -n:])
+
+
 def test_restated_groups_read_their_words_as_a_request_of_their_own(tiny_model, monkeypatch):
     """`isolate_groups="restated"`: the words, the first group and the cache are those of the plain reply;
     a later group's states are those of a fresh one-turn conversation — user: its words without the
@@ -372,12 +383,7 @@ def test_restated_groups_read_their_words_as_a_request_of_their_own(tiny_model, 
     assert restated.token_ids == plain.token_ids and [s.modality for s in restated.signals] == ["audio", "image"]
     assert torch.equal(restated.signals[0].prompt_embeds, plain.signals[0].prompt_embeds)
     said = "a purple circle on the center."
-    prompt, _ = tiny_model.build_inputs([Message("user", said)])
-    piece = torch.tensor(tok.encode(RESTATE_LEAD + said, add_special_tokens=False) + tiny_model.signal_ids["image"])
-    x = torch.cat([prompt, tiny_model.llm.get_input_embeddings()(piece)[None]], dim=1)
-    n = MODALITIES["image"].num_tokens
-    with torch.inference_mode():
-        want = tiny_model.output_projectors["image"](tiny_model(inputs_embeds=x, all_states=True).all_states[:, -n:])
+    want = _one_turn_output(tiny_model, said, RESTATE_LEAD + said, "image")
     assert torch.allclose(restated.signals[1].prompt_embeds, want, atol=1e-4)
     assert not torch.allclose(restated.signals[1].prompt_embeds, plain.signals[1].prompt_embeds, atol=1e-3)
     # the cache kept the whole reply: the next turn reuses it and equals one without a cache
@@ -386,6 +392,14 @@ def test_restated_groups_read_their_words_as_a_request_of_their_own(tiny_model, 
     a = tiny_model.generate(later, temperature=0, max_new_tokens=5, cache=cache)
     assert a.timings["prefill_tokens"] < len(tiny_model.build_inputs(later)[1]) - len(restated.token_ids)
     assert a.token_ids == tiny_model.generate(later, temperature=0, max_new_tokens=5).token_ids
+    # "restated_all": the first group too, read from its words as they open the reply (user: them; reply: them)
+    monkeypatch.setattr(tiny_model, "_sample", _scripted_sampler(tiny_model, script))
+    every = tiny_model.generate(messages, isolate_groups="restated_all", **kw)
+    monkeypatch.undo()
+    assert every.token_ids == plain.token_ids and torch.equal(every.signals[1].prompt_embeds, restated.signals[1].prompt_embeds)
+    want = _one_turn_output(tiny_model, "a beep", "a beep", "audio")
+    assert torch.allclose(every.signals[0].prompt_embeds, want, atol=1e-4)
+    assert not torch.allclose(every.signals[0].prompt_embeds, plain.signals[0].prompt_embeds, atol=1e-3)
     # groups with no words between them (forced at the reply's end) keep their plain states
     back_to_back = tiny_model.generate(messages, want=["image", "audio"], temperature=0, max_new_tokens=2,
                                        isolate_groups="restated")  # fmt: skip
