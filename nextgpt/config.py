@@ -100,8 +100,8 @@ class GenerationConfig(_Strict):
     seed: int | None = Field(0, ge=0, le=2**63 - 1)
     isolate_groups: bool | Literal["restated", "restated_all"] = Field(
         False, description="a reply's second and later signal groups take their states from the words since the previous "
-        "group alone (true), or from those words re-read as a one-turn request of their own ('restated'); see "
-        "NextGPT.generate; off = the official way")
+        "group alone (true), or from those words re-read as a one-turn request of their own ('restated'; "
+        "'restated_all': every group, the first too); see NextGPT.generate; off = the official way")
 
 
 class Profile(_Strict):

@@ -29,7 +29,7 @@ from nextgpt.projectors import InputProjection, OutputProjector
 from nextgpt.sampling import Warpers
 from nextgpt.tokens import MEDIA_END, MEDIA_START, MODALITIES
 
-# isolate_groups="restated": a later output's words ("and a purple circle on the center.") become a request
+# isolate_groups="restated"/"restated_all": a later output's words ("and a purple circle on the center.") become a request
 # and reply of their own ("a purple circle on the center." / "Here is a purple circle on the center.")
 RESTATE_LEAD = "Here is "
 _LEADING_LINK = re.compile(r"^[\s,;:&+]*(?:(?:and|also|then|plus|as well as)\b[\s,]*)*", re.IGNORECASE)
@@ -339,8 +339,9 @@ class NextGPT(nn.Module):
         things named). The cache then keeps the prompt; the next turn prefills the reply with it.
         `isolate_groups="restated"`: a later group's words are re-read as a request of their own, in a fresh
         context: the user says them ("and a purple circle" → "a purple circle"), the reply is "Here is" +
-        them + the group, the states the model has for a single request. The conversation's cache
-        keeps the whole reply."""
+        them + the group, the states the model has for a single request. `"restated_all"`: every group,
+        the first one read from its words as written (they open the reply already). The conversation's
+        cache keeps the whole reply."""
         if isolate_groups not in (False, True, "restated", "restated_all"):
             raise ValueError(f"isolate_groups must be false, true, 'restated' or 'restated_all', got {isolate_groups!r}")
         timings: dict[str, float] = {}
@@ -469,9 +470,10 @@ class NextGPT(nn.Module):
         return Reply(text=text, trace=trace, signals=signals, token_ids=ids, finish_reason=finish, timings=timings)
 
     def _restated_states(self, words: list[int], modality: str, first: bool = False) -> list[torch.Tensor]:
-        """`isolate_groups="restated"`: the signal states of a `modality` group whose words are `words`
-        (token ids), read as the only output of a one-turn conversation: user: the words without their
-        leading "and"/","; assistant: RESTATE_LEAD + them + the group. [] when no words are left."""
+        """`isolate_groups="restated"`/`"restated_all"`: the signal states of a `modality` group whose words
+        are `words` (token ids), read as the only output of a one-turn conversation: user: the words without
+        their leading "and"/","; assistant: RESTATE_LEAD + them (`first`: the words as written) + the group.
+        [] when no words are left."""
         said = _LEADING_LINK.sub("", self._text(words)).strip()
         if not said:
             return []
