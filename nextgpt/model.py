@@ -213,6 +213,7 @@ class NextGPT(nn.Module):
         self.stop_strings = templates.stop_strings(template, tokenizer)
         # strings that typed into a message would become tokens or turns (see nextgpt.escape)
         self.markers = escape.markers(tokenizer, self.stop_strings)
+        self.side_prompt_cache = PromptCache()  # side reads' own (restated groups): they share the system prompt
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -441,19 +442,20 @@ class NextGPT(nn.Module):
 
         t3 = time.perf_counter()
         fed = keys + ids  # what the LLM's cache holds when the reply is done
+        # each group's own words start where the group before it ends (the first group's at the reply's start)
+        word_starts = [0] + [start + MODALITIES[m].num_tokens for m, start in emitted]
         if isolate_groups is True and len(emitted) > 1:  # re-read each later group after the prompt + its own words
-            for (before, prev), (modality, start) in zip(emitted, emitted[1:]):
-                since, n = prev + MODALITIES[before].num_tokens, MODALITIES[modality].num_tokens
+            for (modality, start), since in zip(emitted[1:], word_starts[1:]):
+                n = MODALITIES[modality].num_tokens
                 self._cut(run, n_prompt)
                 states[start : start + n] = self._states(run, ids[since : start + n])[start - since :]
             self._cut(run, n_prompt)
             fed = keys
         self._finish(run, cache, fed)
         if isolate_groups in ("restated", "restated_all"):  # the conversation's run is done with: fresh ones
-            for k, (modality, start) in enumerate(emitted):
+            for k, ((modality, start), since) in enumerate(zip(emitted, word_starts)):
                 if k == 0 and isolate_groups == "restated":
                     continue
-                since = 0 if k == 0 else emitted[k - 1][1] + MODALITIES[emitted[k - 1][0]].num_tokens
                 n = MODALITIES[modality].num_tokens
                 states[start : start + n] = self._restated_states(ids[since:start], modality, first=k == 0) or states[start : start + n]
         signals = []
@@ -489,7 +491,7 @@ class NextGPT(nn.Module):
     def _side_cache(self) -> PromptCache | None:
         """The cache of side reads (restated groups): their own, so that the next one reuses the prefix they
         share (the system prompt), ~2/3 of what each would prefill."""
-        return self.__dict__.setdefault("_side_prompt_cache", PromptCache())
+        return self.side_prompt_cache
 
     # ------------------------------------------------------------------ the LLM steps generate runs
     # (transformers here; nextgpt/llama_backend.py overrides them and shares the loop above)
