@@ -73,7 +73,7 @@ from pathlib import Path
 PROG = "python -m training.small"
 STATE_FILE = "state.json"
 DATA_FORMAT = 3  # 3: + training-only request wordings (W_TRAIN); 2: a reply with several outputs puts each signal group after the words naming it (1: all at the end)
-TRAIN_SEEDS = {"pairs": 1, "dialogs": 2, "refit_dialogs": 4, "conversations": 5, "emphasis": 6, "fresh": 7, "fresh2": 8}
+TRAIN_SEEDS = {"pairs": 1, "dialogs": 2, "refit_dialogs": 4, "conversations": 5, "emphasis": 6, "fresh": 7, "fresh2": 8, "fresh3": 9}
 # stage 5's conversations: every scenario, "multi" (two or three outputs in one reply) four times as often,
 # the ones the eval found weakest after stage 4 (edit, refer, recall, attach) twice
 EMPHASIS = ("multi", "multi", "multi", "multi", "edit", "edit", "refer", "refer", "recall", "recall", "attach", "attach",
@@ -85,6 +85,10 @@ FRESH = ("refer", "refer", "refer", "multi", "multi", "multi", "recall", "recall
 # (multi 65, recall 65, refer 80, ask 85 %)
 FRESH2 = ("multi", "multi", "multi", "recall", "recall", "recall", "refer", "refer", "ask", "ask", "edit", "convert",
           "attach", "chat-create")
+# stage 9's conversations (a GPU-sized pass, `--fresh3 N`): every scenario, weighted by how far each stayed below
+# 90 % after stage 7 + refit + restated groups (recall 65, refer 80, multi 85, ask 85 %)
+FRESH3 = ("recall", "recall", "recall", "refer", "refer", "multi", "multi", "ask", "ask", "edit", "convert", "attach",
+          "chat-create")
 
 
 @dataclass
@@ -96,6 +100,7 @@ class StagePlan:
     save_every: int
     warmup: int = 20
     extra: list[str] = field(default_factory=list)
+    max_minutes: float | None = None  # time budget (the trainer cuts the step count to what fits)
 
 
 @dataclass
@@ -110,6 +115,7 @@ class Plan:
     emphasis: int = 0  # stage 5 (conversations weighted to several outputs in one reply)
     fresh: int = 0  # stage 7 (new conversations weighted to the weakest scenarios)
     fresh2: int = 0  # stage 8 (new conversations weighted to the scenarios weakest after stage 7)
+    fresh3: int = 0  # stage 9 (a large set of new conversations, every scenario; sized for a GPU)
     group_by_length: int = 8  # stages 3-7: batches of similar length, sorted within windows of 8 batches (less padding)
 
 
@@ -117,8 +123,9 @@ STAGE_NAMES = {1: "encoding-side alignment (pairs)", 2: "decoding-side alignment
                4: "conversation tuning (multi-turn, LoRA continued)", 5: "several outputs in one reply (conversations, LoRA continued)",
                6: "conversations again (stage 4's and 5's together, LoRA continued)",
                7: "fresh conversations, weakest scenarios weighted (LoRA continued)",
-               8: "fresh conversations again, multi / recall / refer / ask weighted (LoRA continued)"}  # fmt: skip
-LLM_STAGES = (1, 2, 3, 4, 5, 6, 7, 8)
+               8: "fresh conversations again, multi / recall / refer / ask weighted (LoRA continued)",
+               9: "many fresh conversations + the single requests, batch 32 (GPU; LoRA continued)"}  # fmt: skip
+LLM_STAGES = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 
 
 FULL = Plan(
@@ -148,6 +155,10 @@ FULL = Plan(
         # after stage 7 + refit (+ isolate_groups): multi 65, recall 65, refer 80, ask 85 %: new ones (seed 8), FRESH2;
         # runs only with --fresh2 N (plan.fresh2 = 0 drops it below)
         8: StagePlan(steps=200, batch_size=8, lr=3e-4, max_length=448, save_every=20, warmup=5, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
+        # the conversation scenarios stayed at 65-95 % with ~1000 steps × batch 8 of conversation tuning on 2 CPU
+        # cores: a pass over many new conversations (seed 9, FRESH3) + the stage-3 and varied single requests
+        # (so those stay), sized for a GPU (`--gpu`); runs only with --fresh3 N, from the last stage before it
+        9: StagePlan(steps=3000, batch_size=32, lr=3e-4, max_length=448, save_every=250, warmup=30, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
     },
     conversations=2400,
     emphasis=1200,
@@ -167,11 +178,13 @@ SMOKE = Plan(
         6: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
         7: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
         8: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
+        9: StagePlan(steps=2, batch_size=2, lr=5e-4, max_length=320, save_every=1, warmup=1, extra=["--train", "lora,input_proj,new_rows", "--loss-scale", "image=0,video=0,audio=0"]),
     },
     conversations=4,
     emphasis=4,
     fresh=4,
     fresh2=4,
+    fresh3=4,
     lora_r=4,
     lora_alpha=8.0,
 )
@@ -192,15 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (also the default: finished steps are always skipped)")
     p.add_argument("--restart", action="store_true", help="start the stages over (the data is kept)")
     p.add_argument("--smoke", action="store_true", help="tiny version for CI (use with --profile tiny)")
-    p.add_argument("--stages", default="1,2,3,4,5,6,7,8", help="which stages to run (default 1,2,3,4,5,6,7,8); the others must be complete if needed")
-    p.add_argument("--steps", metavar="S1,...,S8", help="override the step counts")
-    p.add_argument("--lr", metavar="L1,...,L8", help="override the peak learning rates")
+    p.add_argument("--stages", default="1,2,3,4,5,6,7,8,9", help="which stages to run (default all); the others must be complete if needed")
+    p.add_argument("--steps", metavar="S1,...,S9", help="override the step counts")
+    p.add_argument("--lr", metavar="L1,...,L9", help="override the peak learning rates")
     p.add_argument("--bf16", action="store_true",
                    help="stages 3-7 in bfloat16 autocast (on a CPU with AMX, as this project's: ~1.3x faster a step; "
                         "CPUs without bf16 units emulate it, ~20x slower: the trainer warns)")  # fmt: skip
     p.add_argument("--conversations", type=int, help="override the number of stage-4 conversations")
     p.add_argument("--fresh2", type=int, metavar="N",
                    help="run stage 8 on N new conversations weighted to multi / recall / refer / ask (default 0: no stage 8)")
+    p.add_argument("--fresh3", type=int, metavar="N",
+                   help="run stage 9 on N new conversations (every scenario, the weakest weighted) + the single requests, batch 32 "
+                        "(sized for a GPU: use with --gpu; default 0: no stage 9)")  # fmt: skip
+    p.add_argument("--max-minutes", type=float, metavar="M", help="time budget of stage 9's training loop (the step count is cut to what fits)")
+    p.add_argument("--gpu", action="store_true", help="train on the GPU (accelerate's device; the refit runs on the profile's `auto` device)")
+    p.add_argument("--data-only", action="store_true", help="write the data and stop")
     p.add_argument("--pairs", type=int, help="override the pairs per modality")
     p.add_argument("--dialogs", type=int, help="override the number of dialogs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's `threads` / torch's)")
@@ -208,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--isolated-refit", action="store_true",
                    help="fit a reply's later signal groups on the states generate reads with the profile's isolate_groups "
                         "(default: on the whole reply's states, as the committed weights)")  # fmt: skip
-    p.add_argument("--refit", metavar="DIALOGS,PAIRS,STEPS,VARIED,CONVERSATIONS,EMPHASIS,FRESH,FRESH2", help="override the refit sizes (empty fields keep the plan's)")
+    p.add_argument("--refit", metavar="DIALOGS,PAIRS,STEPS,VARIED,CONVERSATIONS,EMPHASIS,FRESH,FRESH2,FRESH3", help="override the refit sizes (empty fields keep the plan's)")
     p.add_argument("--publish-partial", action="store_true",
                    help="publish the latest saved checkpoint (of the furthest stage) to --out without training")  # fmt: skip
     p.add_argument("--eval", type=int, default=0, metavar="N", help="after publishing, evaluate N prompts per direction into the card")
@@ -262,6 +281,8 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
         want["fresh"] = plan.fresh
     if plan.fresh2:
         want["fresh2"] = plan.fresh2
+    if plan.fresh3:
+        want["fresh3"] = plan.fresh3
     have = state.get("data", {})
     files = {m: pairs_json_path(data / "pairs", m) for m in MODALITIES}
     files["dialogs"] = data / "dialogs" / DIALOGS_FILE
@@ -275,6 +296,8 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
         files["fresh"] = data / "conversations-fresh" / DIALOGS_FILE
     if plan.fresh2:
         files["fresh2"] = data / "conversations-fresh2" / DIALOGS_FILE
+    if plan.fresh3:
+        files["fresh3"] = data / "conversations-fresh3" / DIALOGS_FILE
     if have.get("spec") == want and all(f.is_file() for f in files.values()):
         _say(f"data: present ({plan.pairs} pairs per modality, {plan.dialogs} dialogs, {varied} refit dialogs)")
         return files
@@ -310,6 +333,11 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
         sampled = sample_conversations(plan.fresh2, TRAIN_SEEDS["fresh2"], scenarios=FRESH2)
         write_records(files["fresh2"].parent, sampled, plan.side, outputs=False)
         _say(f"data: {plan.fresh2} more fresh conversations, multi / recall / refer / ask weighted ({time.perf_counter() - t:.0f} s)")
+    if plan.fresh3:
+        t = time.perf_counter()
+        sampled = sample_conversations(plan.fresh3, TRAIN_SEEDS["fresh3"], scenarios=FRESH3)
+        write_records(files["fresh3"].parent, sampled, plan.side, outputs=False)
+        _say(f"data: {plan.fresh3} fresh conversations for stage 9 ({time.perf_counter() - t:.0f} s)")
     state["data"] = {"spec": want, "seconds": round(time.perf_counter() - t0, 1)}
     _save_state(work, state)
     return files
@@ -363,9 +391,21 @@ def _final_step(out: Path) -> int | None:
 
 
 def _complete(work: Path, plan: Plan, stage: int) -> bool:
-    """Whether `<work>/stage<N>` holds its final checkpoint at the planned step count (or more)."""
-    done = _final_step(work / f"stage{stage}")
-    return done is not None and done >= plan.stages[stage].steps
+    """Whether `<work>/stage<N>` holds its final checkpoint at the planned step count (or more; with a
+    time budget, the count the trainer cut it to)."""
+    out = work / f"stage{stage}"
+    done = _final_step(out)
+    if done is None:
+        return False
+    planned = plan.stages[stage].steps
+    if plan.stages[stage].max_minutes is not None:
+        planned = min(planned, int(json.loads((out / "trainer.json").read_text()).get("planned_steps") or planned))
+    return done >= planned
+
+
+def _previous_stage(plan: Plan, stage: int) -> int | None:
+    """The stage a stage continues from: the last one in the plan before it (stage 9 follows 8, or 7 without 8)."""
+    return max((s for s in plan.stages if s < stage), default=None)
 
 
 def _has_checkpoints(out: Path) -> bool:
@@ -394,18 +434,22 @@ def run_stage(stage: int, work: Path, plan: Plan, files: dict[str, Path], args, 
         data = [str(files["conversations"]), str(files["emphasis"])]
     elif stage == 7:
         data = [str(files["fresh"])]
-    else:  # 8
+    elif stage == 8:
         data = [str(files["fresh2"])]
-    init = "none" if stage == 1 else str(work / f"stage{stage - 1}")
+    else:  # 9: the new conversations + the single requests (canonical and varied wording), so those stay
+        data = [str(files["fresh3"]), str(files["dialogs"])] + ([str(files["varied"])] if "varied" in files else [])
+    init = "none" if stage == 1 else str(work / f"stage{_previous_stage(plan, stage)}")
     argv = ["--stage", str(min(stage, 3)), "--profile", args.profile]  # stage 4 is stage 3's training on other data
     for d in data:
         argv += ["--data", d]
     argv += [
         "--init", init, "--output", str(out), "--steps", str(sp.steps), "--batch-size", str(sp.batch_size),
         "--lr", str(sp.lr), "--warmup", str(sp.warmup), "--max-length", str(sp.max_length),
-        "--save-every", str(sp.save_every), "--log-every", str(max(1, min(10, sp.save_every))), "--cpu",
-        "--targets", args.targets_dir, *sp.extra,
+        "--save-every", str(sp.save_every), "--log-every", str(max(1, min(10, sp.save_every))),
+        "--targets", args.targets_dir, *sp.extra, *([] if args.gpu else ["--cpu"]),
     ]  # fmt: skip
+    if sp.max_minutes is not None:
+        argv += ["--max-minutes", str(sp.max_minutes)]
     if stage >= 3:
         argv += ["--lora-r", str(plan.lora_r), "--lora-alpha", str(plan.lora_alpha), "--group-by-length", str(plan.group_by_length)]
         if args.bf16:
@@ -475,13 +519,14 @@ class RefitPlan:
     emphasis: int = 0  # stage 5's conversations (replies with two or three outputs ×4) whose outputs are used
     fresh: int = 0  # stage 7's conversations (refer / multi / recall weighted) whose outputs are used
     fresh2: int = 0  # stage 8's conversations (multi / recall / refer / ask weighted) whose outputs are used
+    fresh3: int = 0  # stage 9's conversations whose outputs are used
     batch_size: int = 32
     lr: float = 1e-3
     forward_batch: int = 16
 
 
-REFIT_FULL = RefitPlan(dialogs=900, pairs=600, steps=5000, varied=1500, batch_size=64, conversations=1500, emphasis=1200, fresh=1600, fresh2=1600)  # (fresh2: only with stage 8) ≈ 0.05 s a step (d_model 128); the dialogs bring varied reply wording
-REFIT_SMOKE = RefitPlan(dialogs=4, pairs=2, steps=3, varied=4, batch_size=4, forward_batch=4, conversations=4, emphasis=4, fresh=4, fresh2=4)
+REFIT_FULL = RefitPlan(dialogs=900, pairs=600, steps=5000, varied=1500, batch_size=64, conversations=1500, emphasis=1200, fresh=1600, fresh2=1600, fresh3=3000)  # (fresh2: only with stage 8) ≈ 0.05 s a step (d_model 128); the dialogs bring varied reply wording
+REFIT_SMOKE = RefitPlan(dialogs=4, pairs=2, steps=3, varied=4, batch_size=4, forward_batch=4, conversations=4, emphasis=4, fresh=4, fresh2=4, fresh3=4)
 
 
 def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Path], args, state: dict) -> Path:
@@ -541,6 +586,7 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
         "emphasis": with_outputs("emphasis", rp.emphasis),
         "fresh": with_outputs("fresh", rp.fresh),
         "fresh2": with_outputs("fresh2", rp.fresh2),
+        "fresh3": with_outputs("fresh3", rp.fresh3),
     }
     cache = TargetCache(_target_dirs(settings, profile, args.targets_dir))
     shapes = {m: (p.query_embs.shape[1], p.model.out_features) for m, p in model.output_projectors.items()}
@@ -743,7 +789,7 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
     if refit:
         lines = [f"| {m} | {r['examples']} | {r['val_l2_before']} | {r['val_l2_after']} | {r['val_l2_predicting_the_mean']} |"
                  for m, r in refit.get("report", {}).items()]  # fmt: skip
-        stage8 = f" + {refit['fresh2']} of stage 8's" if refit.get("fresh2") else ""
+        stage8 = (f" + {refit['fresh2']} of stage 8's" if refit.get("fresh2") else "") + (f" + {refit['fresh3']} of stage 9's" if refit.get("fresh3") else "")
         isolated = (" A reply's second and later signal groups are fitted on the states generate reads for them"
                     " (`generation.isolate_groups`: the context + the words since the previous group + the group).") if refit.get("isolated") else ""  # fmt: skip
         refit_text = (
@@ -778,6 +824,10 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
     if fresh2:
         conv_data += (f"\n- stage 8: {fresh2} more new conversations (seed {TRAIN_SEEDS['fresh2']}): several outputs in one reply "
                       "and recalls three times as often, references and questions about the last output twice")  # fmt: skip
+    fresh3 = data.get("spec", {}).get("fresh3")
+    if fresh3:
+        conv_data += (f"\n- stage 9: {fresh3} more new conversations (seed {TRAIN_SEEDS['fresh3']}): recalls three times as often, "
+                      "references, several outputs and questions twice, + the stage-3 and varied single requests")  # fmt: skip
     single = eval_result.get("single", eval_result) if eval_result else None
     dialogs = eval_result.get("dialogs") if eval_result else None
     text = f"""# NExT-GPT `{profile_name}` checkpoint (shapes world)
@@ -851,13 +901,20 @@ def _plan(args) -> Plan:
         plan.dialogs = args.dialogs
     if args.fresh2 is not None:
         plan.fresh2 = args.fresh2
+    if args.fresh3 is not None:
+        plan.fresh3 = args.fresh3
+    if args.max_minutes is not None:
+        plan.stages[9].max_minutes = args.max_minutes
     if args.conversations is not None:
         plan.conversations = args.conversations
-    # each stage from 4 on continues the one before it: without its data a stage goes, and the ones after it
+    # stages 4-8 each continue the one before it: without its data a stage goes, and the ones after it up to 8;
+    # stage 9 continues whichever stage is last before it, and goes only without its own data
     needs = {4: plan.conversations, 5: plan.emphasis, 6: plan.emphasis, 7: plan.fresh, 8: plan.fresh2}
     missing = min((s for s, n in needs.items() if not n and s in plan.stages), default=None)
-    for s in [s for s in plan.stages if missing is not None and s >= missing]:
+    for s in [s for s in plan.stages if missing is not None and missing <= s <= 8]:
         plan.stages.pop(s)
+    if not plan.fresh3:
+        plan.stages.pop(9, None)
     return plan
 
 
@@ -867,8 +924,10 @@ def _refit_plan(args, plan: Plan) -> RefitPlan:
     rp = copy.deepcopy(REFIT_SMOKE if args.smoke else REFIT_FULL)
     if not plan.fresh2:  # no stage 8: none of its conversations (the plan records what was used)
         rp.fresh2 = 0
+    if not plan.fresh3:
+        rp.fresh3 = 0
     if args.refit:
-        for name, v in zip(("dialogs", "pairs", "steps", "varied", "conversations", "emphasis", "fresh", "fresh2"), args.refit.split(",")):
+        for name, v in zip(("dialogs", "pairs", "steps", "varied", "conversations", "emphasis", "fresh", "fresh2", "fresh3"), args.refit.split(",")):
             if v.strip():
                 setattr(rp, name, int(v))
     return rp
@@ -912,12 +971,14 @@ def main(argv: list[str] | None = None) -> int:
         args.targets_dir = str(targets_dir(work, state.get("inputs", fp)))
         if not args.publish_partial:
             files = make_data(work, plan, state, varied=0 if args.no_refit else _refit_plan(args, plan).varied)
+            if args.data_only:
+                return 0
             wanted = {int(s) for s in args.stages.split(",") if s.strip()}
             for stage in sorted(plan.stages):
                 if stage in wanted:
                     run_stage(stage, work, plan, files, args, state)
-                elif _final_step(work / f"stage{stage}") is None and stage + 1 in wanted \
-                        and (args.restart or not _complete(work, plan, stage + 1)):  # a selected stage that will train starts from it
+                elif _final_step(work / f"stage{stage}") is None and (nxt := min((s for s in plan.stages if s > stage), default=None)) in wanted \
+                        and (args.restart or not _complete(work, plan, nxt)):  # a selected stage that will train starts from it
                     raise UserError(f"stage {stage} is not complete and not selected (--stages)")
             if final_llm_stage(plan) in wanted and not args.no_refit:
                 refit_projectors(work, plan, _refit_plan(args, plan), files, args, state)
@@ -928,7 +989,7 @@ def main(argv: list[str] | None = None) -> int:
         info = publish(src, dst)
         info["stage"] = stage  # the recipe's stage (the trainer records stages 4 and 5 as its stage 3)
         last = final_llm_stage(plan)
-        complete = _final_step(work / f"stage{last}") is not None and _final_step(work / f"stage{last}") >= plan.stages[last].steps
+        complete = _complete(work, plan, last)
         note = ("" if src == work / "refit" else "projectors NOT refitted") if complete else "PARTIAL: training not finished"
         state["published"] = {**info, "src": str(src)}
         _save_state(work, state)

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("schedule")
     g.add_argument("--steps", type=int, help="optimizer steps (default: --epochs passes over the data)")
     g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--max-minutes", type=float, metavar="M",
+                   help="time budget: after 10 timed steps the step count is cut to what fits in M minutes (the LR decay follows)")  # fmt: skip
     g.add_argument("--batch-size", type=int, default=4, help="per process (default 4)")
     g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--lr", type=float, default=5e-4)
@@ -233,7 +235,7 @@ def _train(args) -> int:
     output = Path(args.output or f"runs/stage{args.stage}-{name}")
     try:
         cfg = TrainConfig(
-            stage=args.stage, output_dir=output, train=args.train, max_steps=args.steps, epochs=args.epochs,
+            stage=args.stage, output_dir=output, train=args.train, max_steps=args.steps, max_minutes=args.max_minutes, epochs=args.epochs,
             batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
             warmup_steps=args.warmup, grad_clip=args.grad_clip or None, max_length=args.max_length, group_by_length=args.group_by_length,
             lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,

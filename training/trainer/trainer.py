@@ -63,6 +63,7 @@ COMPLETE = "complete"  # written last into STATE_DIR
 TRAINER_FILE = "trainer.json"
 PROGRESS_FILE = "progress.json"  # in STATE_DIR: the step and the LR scheduler's state
 METRICS_FILE = "metrics.jsonl"
+CALIBRATE_STEPS = 10  # max_minutes: the pace is measured over these steps after the first
 
 
 class TrainError(RuntimeError):
@@ -75,6 +76,7 @@ class TrainConfig:
     output_dir: Path
     train: tuple[str, ...] | None = None  # parameter groups; None = the stage's (STAGE_GROUPS)
     max_steps: int | None = None  # optimizer steps; None = `epochs` passes over the data
+    max_minutes: float | None = None  # time budget: after CALIBRATE_STEPS steps the step count is cut to what fits (the LR decay follows)
     epochs: float = 1.0
     batch_size: int = 4  # per process
     grad_accum: int = 1
@@ -464,8 +466,8 @@ class Trainer:
             else "embed_tokens.new_rows / lm_head.new_rows (the last 38 rows)",
             **self.meta,
         }
-        state = {"stage": self.cfg.stage, "step": step, "num_processes": self.accelerator.num_processes,
-                 "config": _jsonable(asdict(self.cfg))}  # fmt: skip
+        state = {"stage": self.cfg.stage, "step": step, "planned_steps": getattr(self, "_max_steps", None),  # after a max_minutes cut
+                 "num_processes": self.accelerator.num_processes, "config": _jsonable(asdict(self.cfg))}  # fmt: skip
         (dst / TRAINER_FILE).write_text(json.dumps(state, indent=2) + "\n")
         (dst / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -576,13 +578,13 @@ class Trainer:
         module, optimizer, loader = acc.prepare(self.module, optimizer, loader)
         batches_per_epoch = len(loader)
         steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.grad_accum))
-        max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-        warmup = min(cfg.warmup_steps, max_steps)
+        self._max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))  # cut by max_minutes in _loop
+        warmup = min(cfg.warmup_steps, self._max_steps)
 
         def schedule(step: int) -> float:  # linear warmup, then linear decay to 0 (WarmupDecayLR)
             if step < warmup:
                 return (step + 1) / (warmup + 1)
-            return max(0.0, (max_steps - step) / max(1, max_steps - warmup))
+            return max(0.0, (self._max_steps - step) / max(1, self._max_steps - warmup))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         progress = Progress()
@@ -608,13 +610,27 @@ class Trainer:
                 # DeepSpeed restores the engine from its own files, which hold only the trainable tensors
                 self.load_resumable(src / STATE_DIR, optimizer, scheduler, progress)
                 self.log(f"resumed from {src} at step {progress.step}")
-            return self._loop(module, optimizer, scheduler, loader, sampler, progress, max_steps, steps_per_epoch, len(examples))
+            return self._loop(module, optimizer, scheduler, loader, sampler, progress, steps_per_epoch, len(examples))
         finally:
             for h in hooks:
                 h.remove()
 
-    def _loop(self, module, optimizer, scheduler, loader, sampler, progress, max_steps, steps_per_epoch, n_examples) -> TrainResult:
+    def _fit_to_budget(self, step: int, first_step: int, t_first: float, t_now: float, t_start: float) -> None:
+        """With `max_minutes`: once CALIBRATE_STEPS steps are timed (after the first, which pays for warm-up),
+        cut the planned step count to what the rest of the budget holds at that pace (never raise it)."""
+        if self.cfg.max_minutes is None or step != first_step + CALIBRATE_STEPS:
+            return
+        per_step = (t_now - t_first) / CALIBRATE_STEPS
+        if self.accelerator.num_processes > 1:  # every process must stop at the same step: the slowest pace
+            per_step = float(self.accelerator.reduce(torch.tensor([per_step], device=self.accelerator.device), reduction="max")[0])
+        fits = step + int((60 * self.cfg.max_minutes - (t_now - t_start)) / per_step)
+        if fits < self._max_steps:
+            self.log(f"time budget {self.cfg.max_minutes:g} min at {per_step:.3f} s a step: {self._max_steps} → {max(step, fits)} steps")
+            self._max_steps = max(step, fits)
+
+    def _loop(self, module, optimizer, scheduler, loader, sampler, progress, steps_per_epoch, n_examples) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
+        max_steps = self._max_steps
         self.log(
             f"stage {cfg.stage}: {n_examples} examples, {len(loader)} batches of {cfg.batch_size} per process × "
             f"{acc.num_processes} process(es), {steps_per_epoch} steps per epoch; training {max_steps} steps "
@@ -628,8 +644,9 @@ class Trainer:
         keys = ["loss", "lm"] + [f"l2_{m}" for m in MODALITIES]  # the same on every process (for reduce)
         sums = torch.zeros(2 * len(keys), dtype=torch.float64)
         t0 = time.perf_counter()
+        first_step, t_first = progress.step + 1, None
         try:
-            while progress.step < max_steps:
+            while progress.step < self._max_steps:
                 sampler.use_epoch(progress.epoch)
                 it = acc.skip_first_batches(loader, progress.batch_in_epoch) if progress.batch_in_epoch else loader
                 for batch in it:
@@ -649,6 +666,13 @@ class Trainer:
                         continue
                     scheduler.step()
                     progress.step += 1
+                    t_now = time.perf_counter()
+                    if progress.step == first_step:
+                        t_first = t_now
+                    elif t_first is not None:
+                        self._fit_to_budget(progress.step, first_step, t_first, t_now, t0)
+                        max_steps = self._max_steps
+                        bar.set_total(max_steps)
                     # the step's losses, averaged over micro-batches and processes
                     vec = acc.reduce(sums.to(acc.device), reduction="sum").cpu() if acc.num_processes > 1 else sums
                     vals = {k: float(vec[i] / vec[len(keys) + i]) for i, k in enumerate(keys) if vec[len(keys) + i] > 0}
@@ -786,6 +810,10 @@ class _ProgressBar:
         )  # fmt: skip
         self.task = self.progress.add_task(title, total=total, completed=start, loss="-")
         self.progress.start()
+
+    def set_total(self, total: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, total=total)
 
     def update(self, step: int, loss: float) -> None:
         if self.progress is not None:
