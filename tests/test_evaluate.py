@@ -104,7 +104,7 @@ def test_evaluate_cli_json(monkeypatch, capsys, tmp_path, tiny_model):
 
 @pytest.mark.slow
 def test_train_small_smoke(tmp_path, monkeypatch):
-    """The whole recipe at toy size: data, stages 1-8, refit, publish + model card; then a re-run skips everything."""
+    """The whole recipe at toy size: data, stages 1-9, refit, publish + model card; then a re-run skips everything."""
     from training.small import main
     from nextgpt.checkpoint import load_checkpoint
 
@@ -112,7 +112,7 @@ def test_train_small_smoke(tmp_path, monkeypatch):
     args = ["--smoke", "--profile", "tiny", "--work", str(work), "--out", str(out), "--no-progress"]
     assert main(args) == 0
     state = json.loads((work / "state.json").read_text())
-    assert set(state["stages"]) == {"1", "2", "3", "4", "5", "6", "7", "8"}
+    assert set(state["stages"]) == {"1", "2", "3", "4", "5", "6", "7", "8", "9"}
     assert all(s["reached"] == 2 for s in state["stages"].values())
     ck = load_checkpoint(out)
     assert ck.adapter_dir is not None and ck.meta["stage"] == 3
@@ -122,20 +122,22 @@ def test_train_small_smoke(tmp_path, monkeypatch):
     assert ck.meta["refit"]["examples"]["emphasis"] > 0  # and stage 5's (several outputs in one reply)
     assert ck.meta["refit"]["examples"]["fresh"] > 0  # and stage 7's (references to earlier outputs weighted)
     assert ck.meta["refit"]["examples"]["fresh2"] > 0  # and stage 8's
-    assert ck.meta["init"].endswith("stage7")  # stage 8 continues stage 7, which continues 6, 5, 4 and 3
+    assert ck.meta["refit"]["examples"]["fresh3"] > 0  # and stage 9's
+    assert ck.meta["init"].endswith("stage8")  # stage 9 continues stage 8, which continues 7, 6, 5, 4 and 3
     cached = sorted((work / "refit-states").glob("*.safetensors"))
-    assert [f.name.split("-")[0] for f in cached] == ["conversations", "dialogs", "emphasis", "fresh", "fresh2", "pairs", "varied"]
+    assert [f.name.split("-")[0] for f in cached] == ["conversations", "dialogs", "emphasis", "fresh", "fresh2", "fresh3", "pairs", "varied"]
     assert (work / "data" / "conversations-multi" / "dialogs.json").is_file()  # stage 5's data
     assert (work / "data" / "conversations-fresh" / "dialogs.json").is_file()  # stage 7's
     assert (work / "data" / "conversations-fresh2" / "dialogs.json").is_file()  # stage 8's
+    assert (work / "data" / "conversations-fresh3" / "dialogs.json").is_file()  # stage 9's
     card = (out / "README.md").read_text()
-    assert "| 3 | instruction tuning" in card and "| 4 | conversation tuning" in card and "| 6 | conversations again" in card and "| 7 | fresh conversations" in card and "| 8 | fresh conversations again" in card
+    assert "| 3 | instruction tuning" in card and "| 4 | conversation tuning" in card and "| 6 | conversations again" in card and "| 7 | fresh conversations" in card and "| 8 | fresh conversations again" in card and "| 9 | many fresh conversations" in card
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     assert size < 5_000_000
     # everything complete: a second run only republishes
-    mtime = (work / "stage8" / "nextgpt.safetensors").stat().st_mtime
+    mtime = (work / "stage9" / "nextgpt.safetensors").stat().st_mtime
     assert main(args) == 0
-    assert (work / "stage8" / "nextgpt.safetensors").stat().st_mtime == mtime
+    assert (work / "stage9" / "nextgpt.safetensors").stat().st_mtime == mtime
     # another refit plan refits from the cached signal states (not recomputed) and republishes
     stamps = {f: f.stat().st_mtime_ns for f in cached}
     assert main(args + ["--refit", ",,5"]) == 0
@@ -144,8 +146,8 @@ def test_train_small_smoke(tmp_path, monkeypatch):
     # a finished stage selected alone needs nothing before it (a work folder holding only the weights to refit)
     import shutil
 
-    shutil.rmtree(work / "stage7")
-    assert main(args + ["--stages", "8", "--refit", ",,4"]) == 0
+    shutil.rmtree(work / "stage8")
+    assert main(args + ["--stages", "9", "--refit", ",,4"]) == 0
     assert load_checkpoint(out).meta["refit"]["plan"]["steps"] == 4
     assert load_checkpoint(out).meta["refit"]["isolated"] is False  # the default: the whole reply's states
     # --isolated-refit with a profile that isolates its groups: refitted on the isolated states (cached apart)
@@ -154,7 +156,7 @@ def test_train_small_smoke(tmp_path, monkeypatch):
     cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "config.yaml").read_text())
     cfg["profiles"]["tiny"].setdefault("generation", {})["isolate_groups"] = True
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(args + ["--stages", "8", "--refit", ",,4", "--config", str(tmp_path / "config.yaml"), "--isolated-refit"]) == 0
+    assert main(args + ["--stages", "9", "--refit", ",,4", "--config", str(tmp_path / "config.yaml"), "--isolated-refit"]) == 0
     assert load_checkpoint(out).meta["refit"]["isolated"] is True
     assert "fitted on the states generate reads" in (out / "README.md").read_text()
     assert len(list((work / "refit-states").glob("*.safetensors"))) > len(cached)
@@ -222,3 +224,31 @@ def test_train_small_stage_8_is_opt_in():
     # without stage 8 the refit uses (and its plan, which the model card reads, records) none of its conversations
     assert refit_plan([]).fresh2 == 0
     assert refit_plan(["--fresh2", "800"]).fresh2 > 0
+
+
+def test_train_small_stage_9_is_opt_in_and_sized_for_a_gpu(tmp_path, monkeypatch):
+    """`--fresh3 N` adds stage 9 (batch 32) after whichever stage is last before it; `--max-minutes`
+    gives its loop a time budget; `--gpu` leaves the device to accelerate (no `--cpu`)."""
+    import training.stages
+    from training.small import _plan, _previous_stage, _refit_plan, build_parser, run_stage
+
+    assert 9 not in _plan(build_parser().parse_args([])).stages
+    args = build_parser().parse_args(["--fresh3", "5000", "--max-minutes", "4.5"])
+    plan = _plan(args)
+    assert sorted(plan.stages) == [1, 2, 3, 4, 5, 6, 7, 9] and _previous_stage(plan, 9) == 7
+    assert plan.stages[9].batch_size == 32 and plan.stages[9].max_minutes == 4.5
+    assert _refit_plan(args, plan).fresh3 > 0 and _refit_plan(build_parser().parse_args([]), _plan(build_parser().parse_args([]))).fresh3 == 0
+    assert _previous_stage(_plan(build_parser().parse_args(["--fresh3", "10", "--fresh2", "10"])), 9) == 8
+
+    seen = []
+    monkeypatch.setattr(training.stages, "main", lambda argv: seen.append(argv) or 0)
+    files = {k: tmp_path / f"{k}.json" for k in ("fresh3", "dialogs", "varied")}
+    for extra in ([], ["--gpu"]):
+        a = build_parser().parse_args(["--fresh3", "5000", "--max-minutes", "4.5", *extra])
+        a.targets_dir = str(tmp_path / "targets")
+        run_stage(9, tmp_path / "work", plan, files, a, {"stages": {}})
+    (cpu, gpu) = seen
+    assert "--cpu" in cpu and "--cpu" not in gpu
+    for argv in seen:
+        assert argv[argv.index("--init") + 1].endswith("stage7") and argv[argv.index("--max-minutes") + 1] == "4.5"
+        assert [argv[i + 1] for i, x in enumerate(argv) if x == "--data"] == [str(files[k]) for k in ("fresh3", "dialogs", "varied")]

@@ -333,3 +333,34 @@ def test_lm_loss_on_the_scored_positions_only_equals_the_full_logits_loss(model,
     assert len(g_new) == len(g_old) > 0
     for a, b in zip(g_new, g_old):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_time_budget_cuts_the_step_count_and_the_lr_decay_follows(model, data, tmp_path):
+    """`max_minutes`: after CALIBRATE_STEPS timed steps the planned count is cut to what the budget
+    holds (here nothing more: the budget is already spent), the LR decays to 0 at the new end, and
+    trainer.json records the count the run was cut to; a budget that holds the plan changes nothing."""
+    from training.trainer.trainer import CALIBRATE_STEPS
+
+    dialogs = load_stage_data(1, [data / "image_pairs.json", data / "audio_pairs.json"])
+    out = tmp_path / "cut"
+    result = Trainer(model, _cfg(out, max_steps=500, batch_size=2, max_minutes=1e-4), log=lambda s: None).fit(dialogs)
+    assert result.step == 1 + CALIBRATE_STEPS < 500
+    assert result.metrics[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert json.loads((out / "trainer.json").read_text())["planned_steps"] == result.step
+
+
+def test_time_budget_that_holds_the_plan_changes_nothing(settings, cache_dir, data, tmp_path):
+    dialogs = load_stage_data(1, [data / "image_pairs.json", data / "audio_pairs.json"])
+    m = NextGPT.from_profile(settings.profile("tiny"), cache_dir)
+    result = Trainer(m, _cfg(tmp_path / "whole", max_steps=14, batch_size=2, max_minutes=60), log=lambda s: None).fit(dialogs)
+    assert result.step == 14 and json.loads((tmp_path / "whole" / "trainer.json").read_text())["planned_steps"] == 14
+
+
+def test_a_later_stage_in_the_same_process_may_change_the_mixed_precision():
+    """training.small runs stages 1-2 in fp32 and, with --bf16, stages 3-9 in bf16 in one process:
+    accelerate keeps its state process-wide and would refuse the change."""
+    from training.trainer.trainer import make_accelerator
+
+    assert make_accelerator(mixed_precision="no", cpu=True).mixed_precision == "no"
+    assert make_accelerator(mixed_precision="bf16", cpu=True).mixed_precision == "bf16"
+    assert make_accelerator(mixed_precision="no", cpu=True).mixed_precision == "no"

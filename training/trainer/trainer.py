@@ -176,6 +176,14 @@ def make_accelerator(grad_accum: int = 1, mixed_precision: str | None = None, cp
         kwargs["mixed_precision"] = mixed_precision
     if cpu is not None:
         kwargs["cpu"] = cpu
+    from accelerate.state import AcceleratorState
+
+    was = AcceleratorState._shared_state.get("_mixed_precision")
+    if was is not None and mixed_precision is not None and was != mixed_precision:
+        # an earlier stage in this process (training.small: stages 1-2 in fp32, 3-9 with --bf16) chose another
+        # precision; accelerate keeps it process-wide and refuses a change: start its state over (the process
+        # group, PartialState, is kept)
+        AcceleratorState._reset_state()
     return Accelerator(
         gradient_accumulation_steps=grad_accum,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
@@ -664,15 +672,15 @@ class Trainer:
                     progress.batch_in_epoch += 1
                     if not acc.sync_gradients:
                         continue
-                    scheduler.step()
                     progress.step += 1
                     t_now = time.perf_counter()
                     if progress.step == first_step:
                         t_first = t_now
-                    elif t_first is not None:
+                    elif t_first is not None:  # (before the scheduler's step: the next LR follows a cut at once)
                         self._fit_to_budget(progress.step, first_step, t_first, t_now, t0)
                         max_steps = self._max_steps
                         bar.set_total(max_steps)
+                    scheduler.step()
                     # the step's losses, averaged over micro-batches and processes
                     vec = acc.reduce(sums.to(acc.device), reduction="sum").cpu() if acc.num_processes > 1 else sums
                     vals = {k: float(vec[i] / vec[len(keys) + i]) for i, k in enumerate(keys) if vec[len(keys) + i] > 0}
