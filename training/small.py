@@ -32,7 +32,11 @@ Steps (every one deterministic, every one skipped when its output is already com
    one reply ×3, recalls, edits and conversions ×2.
    Stage 8 (`<work>/stage8`, from stage 7; only with `--fresh2 N`): N more new conversations (seed 8)
    weighted to the scenarios weakest after stage 7 + refit (multi and recall ×3, refer and ask ×2).
-   `--bf16`: stages 3-8 in bfloat16 autocast (the trainer's `--mixed-precision bf16`).
+   Stage 9 (`<work>/stage9`, from the last stage before it; only with `--fresh3 N`): N new conversations
+   (seed 9, FRESH3: recalls ×3; references, several outputs, questions ×2) + the stage-3 and varied single
+   requests, batch 32 — a pass sized for a GPU (`--gpu`), with `--max-minutes M` as its time budget.
+   Measured once (session 16, H200, 184 steps in 5 min): no better than without it (docs/small-weights.md).
+   `--bf16`: stages 3-9 in bfloat16 autocast (the trainer's `--mixed-precision bf16`).
 6. refit (`<work>/refit`): the output projectors refitted on the final LLM's states at the signal
    tokens of the stage-3 dialogs, the pairs, stage 4's, 5's, 7's (and 8's) conversations (5's hold
    the replies with two or three outputs, whose groups the projector otherwise barely saw) and extra dialogs whose requests name
