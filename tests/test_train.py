@@ -335,7 +335,7 @@ def test_lm_loss_on_the_scored_positions_only_equals_the_full_logits_loss(model,
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_time_budget_cuts_the_step_count_and_the_lr_decay_follows(model, data, tmp_path):
+def test_time_budget_cuts_the_step_count_and_the_lr_decay_follows(model, data, tmp_path, settings, cache_dir):
     """`max_minutes`: after CALIBRATE_STEPS timed steps the planned count is cut to what the budget
     holds (here nothing more: the budget is already spent), the LR decays to 0 at the new end, and
     trainer.json records the count the run was cut to; a budget that holds the plan changes nothing."""
@@ -347,6 +347,10 @@ def test_time_budget_cuts_the_step_count_and_the_lr_decay_follows(model, data, t
     assert result.step == 1 + CALIBRATE_STEPS < 500
     assert result.metrics[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
     assert json.loads((out / "trainer.json").read_text())["planned_steps"] == result.step
+    # resumed, the run keeps the count it was cut to (no second budget, no LR back up to the old plan)
+    again = Trainer(NextGPT.from_profile(settings.profile("tiny"), cache_dir),
+                    _cfg(out, max_steps=500, batch_size=2, max_minutes=1e-4, resume="latest"), log=lambda s: None).fit(dialogs)  # fmt: skip
+    assert again.step == result.step and again.metrics == []
 
 
 def test_time_budget_that_holds_the_plan_changes_nothing(settings, cache_dir, data, tmp_path):

@@ -614,6 +614,8 @@ class Trainer:
                 changed = [f"{k} {was.get(k)} → {v}" for k, v in now.items() if was.get(k) is not None and was.get(k) != v]
                 if changed:
                     self.log(f"warning: resuming with {', '.join(changed)}: the data order will not continue exactly")
+                if cfg.max_minutes is not None and saved.get("planned_steps"):  # a run cut to its budget keeps that count
+                    self._max_steps = min(self._max_steps, int(saved["planned_steps"]))
                 self.load_trainable(src)
                 # DeepSpeed restores the engine from its own files, which hold only the trainable tensors
                 self.load_resumable(src / STATE_DIR, optimizer, scheduler, progress)
