@@ -132,6 +132,7 @@ def test_train_small_smoke(tmp_path, monkeypatch):
     assert (work / "data" / "conversations-fresh3" / "dialogs.json").is_file()  # stage 9's
     card = (out / "README.md").read_text()
     assert "| 3 | instruction tuning" in card and "| 4 | conversation tuning" in card and "| 6 | conversations again" in card and "| 7 | fresh conversations" in card and "| 8 | fresh conversations again" in card and "| 9 | many fresh conversations" in card
+    assert card.count("| CPU |") == 9  # where each stage ran (`--gpu` would say GPU)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     assert size < 5_000_000
     # everything complete: a second run only republishes

@@ -475,7 +475,8 @@ def run_stage(stage: int, work: Path, plan: Plan, files: dict[str, Path], args, 
         rc = train_main(argv)
     finally:
         rec["seconds"] = round(rec.get("seconds", 0.0) + time.perf_counter() - t0, 1)
-        rec.update(steps=sp.steps, batch_size=sp.batch_size, lr=sp.lr, max_length=sp.max_length, reached=_latest_step(out))
+        rec.update(steps=sp.steps, batch_size=sp.batch_size, lr=sp.lr, max_length=sp.max_length, reached=_latest_step(out),
+                   on=("GPU" if args.gpu else "CPU") + (" bf16" if args.bf16 and stage >= 3 else ""))  # fmt: skip
         _save_state(work, state)
     if rc != 0:
         raise UserError(f"stage {stage} failed (exit status {rc}); fix the cause and run again (it resumes)")
@@ -785,9 +786,9 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
         r = stages.get(str(s))
         sp = plan.stages[s]
         if r:
-            rows.append(f"| {s} | {names[s]} | {r.get('reached', '?')} / {sp.steps} | {sp.batch_size} | {sp.lr:g} | {r['seconds'] / 60:.1f} |")
+            rows.append(f"| {s} | {names[s]} | {r.get('reached', '?')} / {sp.steps} | {sp.batch_size} | {sp.lr:g} | {r.get('on', 'CPU')} | {r['seconds'] / 60:.1f} |")
         else:
-            rows.append(f"| {s} | {names[s]} | 0 / {sp.steps} | {sp.batch_size} | {sp.lr:g} | – |")
+            rows.append(f"| {s} | {names[s]} | 0 / {sp.steps} | {sp.batch_size} | {sp.lr:g} | – | – |")
     trained = info["params"] + info["lora_params"]
     refit = state.get("refit")
     if refit:
@@ -858,10 +859,10 @@ alpha {plan.lora_alpha:g}, q/k/v/o) for SmolLM2-135M-Instruct. Everything else i
   ask / chit-chat, 2–4 exchanges), seed {TRAIN_SEEDS['dialogs']}{refit_data}{conv_data}
 - data generation: {data.get('seconds', 0) / 60:.1f} min
 
-## Training (2 CPU cores, fp32, AdamW, linear warmup/decay)
+## Training (AdamW, linear warmup/decay; the CPU runs on 2 cores)
 
-| stage | what | steps done / planned | batch | lr | minutes |
-|---|---|---|---|---|---|
+| stage | what | steps done / planned | batch | lr | on | minutes |
+|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 {refit_text}
