@@ -240,6 +240,10 @@ def test_train_small_stage_9_is_opt_in_and_sized_for_a_gpu(tmp_path, monkeypatch
     assert plan.stages[9].batch_size == 32 and plan.stages[9].max_minutes == 4.5
     assert _refit_plan(args, plan).fresh3 > 0 and _refit_plan(build_parser().parse_args([]), _plan(build_parser().parse_args([]))).fresh3 == 0
     assert _previous_stage(_plan(build_parser().parse_args(["--fresh3", "10", "--fresh2", "10"])), 9) == 8
+    from training.small import main
+
+    assert main(["--max-minutes", "5", "--work", str(tmp_path / "w")]) == 2  # a budget for a stage that does not run
+    assert not (tmp_path / "w").exists()
 
     seen = []
     monkeypatch.setattr(training.stages, "main", lambda argv: seen.append(argv) or 0)

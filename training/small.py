@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", metavar="S1,...,S9", help="override the step counts")
     p.add_argument("--lr", metavar="L1,...,L9", help="override the peak learning rates")
     p.add_argument("--bf16", action="store_true",
-                   help="stages 3-7 in bfloat16 autocast (on a CPU with AMX, as this project's: ~1.3x faster a step; "
+                   help="stages 3-9 in bfloat16 autocast (on a CPU with AMX, as this project's: ~1.3x faster a step; "
                         "CPUs without bf16 units emulate it, ~20x slower: the trainer warns)")  # fmt: skip
     p.add_argument("--conversations", type=int, help="override the number of stage-4 conversations")
     p.add_argument("--fresh2", type=int, metavar="N",
@@ -955,6 +955,9 @@ def main(argv: list[str] | None = None) -> int:
     register_world_components()  # stage 2 computes targets with the decoders' text encoders
     work, dst = Path(args.work), Path(args.out)
     plan = _plan(args)
+    if args.max_minutes is not None and not plan.fresh3:
+        print(f"{PROG}: error: --max-minutes is stage 9's time budget: give --fresh3 N too", file=sys.stderr)
+        return 2
     state = _load_state(work)
     state["plan"] = asdict(plan)
     try:
