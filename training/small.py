@@ -94,6 +94,16 @@ FRESH2 = ("multi", "multi", "multi", "recall", "recall", "recall", "refer", "ref
 FRESH3 = ("recall", "recall", "recall", "refer", "refer", "multi", "multi", "ask", "ask", "edit", "convert", "attach",
           "chat-create")
 
+# the conversation sets (Plan field = TRAIN_SEEDS key → folder under <work>/data, scenario weights (None: every
+# scenario once), what the log calls them); each is written only when its plan count is > 0
+CONVERSATION_SETS = {
+    "conversations": ("conversations", None, "multi-turn conversations"),
+    "emphasis": ("conversations-multi", EMPHASIS, "conversations weighted to several outputs"),
+    "fresh": ("conversations-fresh", FRESH, "fresh conversations, weakest scenarios weighted"),
+    "fresh2": ("conversations-fresh2", FRESH2, "more fresh conversations, multi / recall / refer / ask weighted"),
+    "fresh3": ("conversations-fresh3", FRESH3, "fresh conversations for stage 9"),
+}
+
 
 @dataclass
 class StagePlan:
@@ -271,37 +281,21 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
     high beep"), as users ask (the stage-3 dialogs always use the full canonical caption); skipped
     when already written with the same sizes (the files are a deterministic function of (n, seed, side))."""
     from training.world.dataset import pairs_json_path, write_pairs
-    from training.world.conversations import sample_conversations
+    from training.world.conversations import SCENARIOS, sample_conversations
     from training.world.dialogs import DIALOGS_FILE, write_dialogs, write_records
 
     data = work / "data"
     want = {"pairs": plan.pairs, "dialogs": plan.dialogs, "varied": varied, "side": plan.side, "seeds": TRAIN_SEEDS,
             "format": DATA_FORMAT}
-    if plan.conversations:
-        want["conversations"] = plan.conversations
-    if plan.emphasis:
-        want["emphasis"] = plan.emphasis
-    if plan.fresh:
-        want["fresh"] = plan.fresh
-    if plan.fresh2:
-        want["fresh2"] = plan.fresh2
-    if plan.fresh3:
-        want["fresh3"] = plan.fresh3
+    sets = {name: getattr(plan, name) for name in CONVERSATION_SETS if getattr(plan, name)}  # the planned ones
+    want.update(sets)
     have = state.get("data", {})
     files = {m: pairs_json_path(data / "pairs", m) for m in MODALITIES}
     files["dialogs"] = data / "dialogs" / DIALOGS_FILE
     if varied:
         files["varied"] = data / "refit-dialogs" / DIALOGS_FILE
-    if plan.conversations:
-        files["conversations"] = data / "conversations" / DIALOGS_FILE
-    if plan.emphasis:
-        files["emphasis"] = data / "conversations-multi" / DIALOGS_FILE
-    if plan.fresh:
-        files["fresh"] = data / "conversations-fresh" / DIALOGS_FILE
-    if plan.fresh2:
-        files["fresh2"] = data / "conversations-fresh2" / DIALOGS_FILE
-    if plan.fresh3:
-        files["fresh3"] = data / "conversations-fresh3" / DIALOGS_FILE
+    for name in sets:
+        files[name] = data / CONVERSATION_SETS[name][0] / DIALOGS_FILE
     if have.get("spec") == want and all(f.is_file() for f in files.values()):
         _say(f"data: present ({plan.pairs} pairs per modality, {plan.dialogs} dialogs, {varied} refit dialogs)")
         return files
@@ -317,31 +311,12 @@ def make_data(work: Path, plan: Plan, state: dict, varied: int = 0) -> dict[str,
         t = time.perf_counter()
         write_dialogs(files["varied"].parent, varied, TRAIN_SEEDS["refit_dialogs"], plan.side, outputs=False, vary_captions=True)
         _say(f"data: {varied} refit dialogs with varied captions ({time.perf_counter() - t:.0f} s)")
-    if plan.conversations:
+    for name, n in sets.items():
+        _, scenarios, what = CONVERSATION_SETS[name]
         t = time.perf_counter()
-        sampled = sample_conversations(plan.conversations, TRAIN_SEEDS["conversations"])
-        write_records(files["conversations"].parent, sampled, plan.side, outputs=False)
-        _say(f"data: {plan.conversations} multi-turn conversations ({time.perf_counter() - t:.0f} s)")
-    if plan.emphasis:
-        t = time.perf_counter()
-        sampled = sample_conversations(plan.emphasis, TRAIN_SEEDS["emphasis"], scenarios=EMPHASIS)
-        write_records(files["emphasis"].parent, sampled, plan.side, outputs=False)
-        _say(f"data: {plan.emphasis} conversations weighted to several outputs ({time.perf_counter() - t:.0f} s)")
-    if plan.fresh:
-        t = time.perf_counter()
-        sampled = sample_conversations(plan.fresh, TRAIN_SEEDS["fresh"], scenarios=FRESH)
-        write_records(files["fresh"].parent, sampled, plan.side, outputs=False)
-        _say(f"data: {plan.fresh} fresh conversations, weakest scenarios weighted ({time.perf_counter() - t:.0f} s)")
-    if plan.fresh2:
-        t = time.perf_counter()
-        sampled = sample_conversations(plan.fresh2, TRAIN_SEEDS["fresh2"], scenarios=FRESH2)
-        write_records(files["fresh2"].parent, sampled, plan.side, outputs=False)
-        _say(f"data: {plan.fresh2} more fresh conversations, multi / recall / refer / ask weighted ({time.perf_counter() - t:.0f} s)")
-    if plan.fresh3:
-        t = time.perf_counter()
-        sampled = sample_conversations(plan.fresh3, TRAIN_SEEDS["fresh3"], scenarios=FRESH3)
-        write_records(files["fresh3"].parent, sampled, plan.side, outputs=False)
-        _say(f"data: {plan.fresh3} fresh conversations for stage 9 ({time.perf_counter() - t:.0f} s)")
+        sampled = sample_conversations(n, TRAIN_SEEDS[name], scenarios=scenarios or SCENARIOS)
+        write_records(files[name].parent, sampled, plan.side, outputs=False)
+        _say(f"data: {n} {what} ({time.perf_counter() - t:.0f} s)")
     state["data"] = {"spec": want, "seconds": round(time.perf_counter() - t0, 1)}
     _save_state(work, state)
     return files
