@@ -625,29 +625,31 @@ class Trainer:
             for h in hooks:
                 h.remove()
 
-    def _fit_to_budget(self, step: int, first_step: int, t_first: float, t_now: float, t_start: float) -> None:
+    def _fit_to_budget(self, step: int, first_step: int, t_first: float, t_now: float, t_start: float) -> bool:
         """With `max_minutes`: once CALIBRATE_STEPS steps are timed (after the first, which pays for warm-up),
-        cut the planned step count to what the rest of the budget holds at that pace (never raise it)."""
+        cut the planned step count (`_max_steps`) to what the rest of the budget holds at that pace (never
+        raise it). Whether it cut."""
         if self.cfg.max_minutes is None or step != first_step + CALIBRATE_STEPS:
-            return
+            return False
         per_step = (t_now - t_first) / CALIBRATE_STEPS
         if self.accelerator.num_processes > 1:  # every process must stop at the same step: the slowest pace
             per_step = float(self.accelerator.reduce(torch.tensor([per_step], device=self.accelerator.device), reduction="max")[0])
         fits = step + int((60 * self.cfg.max_minutes - (t_now - t_start)) / per_step)
-        if fits < self._max_steps:
-            self.log(f"time budget {self.cfg.max_minutes:g} min at {per_step:.3f} s a step: {self._max_steps} → {max(step, fits)} steps")
-            self._max_steps = max(step, fits)
+        if fits >= self._max_steps:
+            return False
+        self.log(f"time budget {self.cfg.max_minutes:g} min at {per_step:.3f} s a step: {self._max_steps} → {max(step, fits)} steps")
+        self._max_steps = max(step, fits)
+        return True
 
     def _loop(self, module, optimizer, scheduler, loader, sampler, progress, steps_per_epoch, n_examples) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
-        max_steps = self._max_steps
         self.log(
             f"stage {cfg.stage}: {n_examples} examples, {len(loader)} batches of {cfg.batch_size} per process × "
-            f"{acc.num_processes} process(es), {steps_per_epoch} steps per epoch; training {max_steps} steps "
+            f"{acc.num_processes} process(es), {steps_per_epoch} steps per epoch; training {self._max_steps} steps "
             f"(groups: {', '.join(cfg.train)})"
         )  # fmt: skip
         metrics_path = cfg.output_dir / METRICS_FILE
-        bar = _ProgressBar(max_steps, progress.step, f"stage {cfg.stage}", bar=cfg.progress and acc.is_main_process,
+        bar = _ProgressBar(self._max_steps, progress.step, f"stage {cfg.stage}", bar=cfg.progress and acc.is_main_process,
                            main=acc.is_main_process)  # fmt: skip
         losses: list[float] = []
         history: list[dict] = []
@@ -678,10 +680,8 @@ class Trainer:
                     t_now = time.perf_counter()
                     if progress.step == first_step:
                         t_first = t_now
-                    elif t_first is not None:  # (before the scheduler's step: the next LR follows a cut at once)
-                        self._fit_to_budget(progress.step, first_step, t_first, t_now, t0)
-                        max_steps = self._max_steps
-                        bar.set_total(max_steps)
+                    elif t_first is not None and self._fit_to_budget(progress.step, first_step, t_first, t_now, t0):
+                        bar.set_total(self._max_steps)  # (before the scheduler's step: the next LR follows the cut at once)
                     scheduler.step()
                     # the step's losses, averaged over micro-batches and processes
                     vec = acc.reduce(sums.to(acc.device), reduction="sum").cpu() if acc.num_processes > 1 else sums
@@ -695,12 +695,12 @@ class Trainer:
                         with metrics_path.open("a") as f:
                             f.write(json.dumps(row) + "\n")
                     bar.update(progress.step, row["loss"])
-                    if progress.step % cfg.log_every == 0 or progress.step == max_steps:
+                    if progress.step % cfg.log_every == 0 or progress.step == self._max_steps:
                         parts = " ".join(f"{k} {row[k]:.4f}" for k in keys if k in row)
-                        bar.print(f"step {progress.step}/{max_steps} {parts} lr {row['lr']:.2e}")
-                    if cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < max_steps:
+                        bar.print(f"step {progress.step}/{self._max_steps} {parts} lr {row['lr']:.2e}")
+                    if cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < self._max_steps:
                         self.save(progress.step)
-                    if progress.step >= max_steps:
+                    if progress.step >= self._max_steps:
                         break
                 else:
                     progress.epoch += 1
