@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,33 @@ def _make_engine(url: Any, *, echo: bool = False) -> Engine:
     return create_engine(u, **kw)
 
 
+def _set_wal(cur: Any, timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> None:
+    """Put the database in WAL mode, waiting for other connections as a write would.
+
+    Switching a database to WAL needs its exclusive lock, and while another connection holds the
+    write lock of a database still in rollback mode (a fresh file that another process is creating
+    the tables in), SQLite refuses at once with "database is locked" instead of calling the busy
+    handler. So: nothing to do when the file is already in WAL (the mode is stored in it); else
+    retry until the busy timeout.
+    """
+    import sqlite3
+
+    deadline = time.monotonic() + timeout_s
+    tries = 0
+    while True:
+        try:
+            if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                return
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            busy = "locked" in str(e) or "busy" in str(e)
+            if not busy or time.monotonic() > deadline:
+                raise
+            tries += 1
+            time.sleep(min(0.005 * tries, 0.1))
+
+
 def _setup_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -60,7 +88,7 @@ def _setup_sqlite(engine: Engine) -> None:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         try:
-            cur.execute("PRAGMA journal_mode=WAL")
+            _set_wal(cur)
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")

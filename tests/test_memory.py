@@ -25,6 +25,7 @@ from memory import (
     Memory,
     SessionNotFound,
 )
+from memory.database import _make_engine
 from memory.store import VERSION_TABLE, _head_revision
 
 try:  # `tests` may or may not be a package
@@ -552,6 +553,29 @@ def test_processes_opening_a_fresh_database_at_once(tmp_path: Path):
         assert sorted(s.title for s in sessions) == ["p0", "p1", "p2"]
         assert all(s.turn_count == 10 for s in sessions)
         assert len(list(mem.blobs)) == 1
+
+
+def test_opening_while_another_connection_creates_the_tables(tmp_path: Path):
+    # The race behind a rare "database is locked" when processes open a fresh database at once:
+    # while one connection holds the write lock of a file still in rollback mode, SQLite refuses
+    # the switch to WAL at once (no busy wait). Opening must wait for it instead, like a write.
+    import sqlite3
+
+    db = tmp_path / "memory.sqlite"
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE t (x)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO t VALUES (1)")
+    threading.Timer(0.5, lambda: other.execute("COMMIT")).start()
+    t0 = time.monotonic()
+    engine = _make_engine(f"sqlite:///{db}")
+    with engine.connect() as conn:
+        mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+        rows = conn.exec_driver_sql("SELECT x FROM t").all()
+    engine.dispose()
+    other.close()
+    assert mode == "wal" and rows == [(1,)]
+    assert time.monotonic() - t0 >= 0.4  # it waited for the other writer
 
 
 # ---------------------------------------------------------------------------------------------
