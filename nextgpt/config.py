@@ -39,8 +39,28 @@ class LLMConfig(_Strict):
     system_prompt: str | None = None
     device: Device = "auto"
     dtype: DType = "float32"
-    backend: Literal["transformers", "llama_cpp"] = Field(
-        "transformers", description="who runs the LLM: transformers, or llama.cpp on a GGUF source (nextgpt/llama_backend.py)")
+    backend: Literal["transformers", "llama_cpp", "auto"] = Field(
+        "transformers", description="who runs the LLM: transformers, llama.cpp on a GGUF source (nextgpt/llama_backend.py), "
+        "or auto: llama.cpp for a GGUF source on a CPU where llama-cpp-python is installed, else transformers")
+
+    def resolved_backend(self) -> Literal["transformers", "llama_cpp"]:
+        """Who runs this LLM. `auto`: llama.cpp when the source is a GGUF, the LLM runs on a CPU (device
+        cpu, or auto without a CUDA/MPS GPU) and llama-cpp-python is installed; transformers otherwise
+        (a GPU runs the transformers path; without the package there is nothing else)."""
+        if self.backend != "auto":
+            return self.backend
+        import importlib.util
+
+        gguf = self.source.endswith(".gguf") or bool(self.gguf_file)
+        if not gguf or self.device not in ("cpu", "auto") or importlib.util.find_spec("llama_cpp") is None:
+            return "transformers"
+        if self.device == "auto":
+            import torch
+
+            mps = getattr(torch.backends, "mps", None)
+            if torch.cuda.is_available() or (mps is not None and mps.is_available()):
+                return "transformers"
+        return "llama_cpp"
 
 
 class EncoderConfig(_Strict):

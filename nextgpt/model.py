@@ -218,7 +218,7 @@ class NextGPT(nn.Module):
     # ------------------------------------------------------------------ building
     @classmethod
     def from_profile(cls, profile: Profile, cache_dir: Path) -> "NextGPT":
-        if profile.llm.backend == "llama_cpp":  # llama.cpp runs the LLM: nextgpt/llama_backend.py
+        if profile.llm.resolved_backend() == "llama_cpp":  # llama.cpp runs the LLM: nextgpt/llama_backend.py
             from nextgpt.llama_backend import LlamaCppNextGPT
 
             return LlamaCppNextGPT.from_profile(profile, cache_dir)

@@ -68,3 +68,29 @@ def test_discord_section_is_validated_by_the_bot_schema(tmp_path):
     bad = _write(tmp_path, lambda r: r.update(discord={"alow_dms": True}))
     with pytest.raises(ConfigError, match="discord.alow_dms: unknown key"):
         validate_section(load_settings(bad), "discord", DiscordConfig)
+
+
+def test_llm_backend_auto_picks_llama_cpp_only_where_it_can_run(monkeypatch):
+    import importlib.util
+
+    s = load_settings(REPO_CONFIG)
+    small = s.profile("small").llm
+    assert small.backend == "auto"  # the embedded default runs on llama.cpp where `make setup` built it
+    installed = importlib.util.find_spec("llama_cpp") is not None
+    assert small.model_copy(update={"device": "cpu"}).resolved_backend() == ("llama_cpp" if installed else "transformers")
+    # a GPU runs the transformers path; a non-GGUF source has nothing for llama.cpp; explicit values stay
+    assert small.model_copy(update={"device": "cuda"}).resolved_backend() == "transformers"
+    assert s.profile("tiny").llm.model_copy(update={"backend": "auto"}).resolved_backend() == "transformers"
+    for name in ("transformers", "llama_cpp"):
+        assert small.model_copy(update={"backend": name}).resolved_backend() == name
+    assert s.profile("tiny").llm.backend == s.profile("nextgpt-7b").llm.backend == "transformers"
+    # without llama-cpp-python, auto falls back to transformers
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    assert small.model_copy(update={"device": "cpu"}).resolved_backend() == "transformers"
+
+
+def test_llm_backend_is_validated(tmp_path):
+    p = _write(tmp_path, lambda r: r["profiles"]["tiny"]["llm"].update(backend="llamacpp"))
+    with pytest.raises(ConfigError, match="profiles.tiny.llm.backend"):
+        load_settings(p)

@@ -368,3 +368,16 @@ def test_a_later_stage_in_the_same_process_may_change_the_mixed_precision():
     assert make_accelerator(mixed_precision="no", cpu=True).mixed_precision == "no"
     assert make_accelerator(mixed_precision="bf16", cpu=True).mixed_precision == "bf16"
     assert make_accelerator(mixed_precision="no", cpu=True).mixed_precision == "no"
+
+
+def test_training_runs_the_llm_on_transformers_whatever_backend_the_profile_chats_on(settings, cache_dir):
+    # a profile that chats on llama.cpp (small's `auto` on a CPU) still trains: training needs the
+    # transformers modules and their gradients. Here a tiny profile set to llama_cpp would be refused
+    # by that backend (its source is no GGUF), so loading at all shows the switch.
+    from training.stages import load_model
+
+    tiny = settings.profile("tiny")
+    chatting = tiny.model_copy(update={"llm": tiny.llm.model_copy(update={"backend": "llama_cpp"})})
+    model, adapter, _ = load_model(settings, chatting, None, print)
+    assert isinstance(model.llm, torch.nn.Module) and adapter is None
+    assert sum(p.numel() for p in model.llm.parameters()) > 0

@@ -577,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=20, help="prompts per direction (default 20)")
     p.add_argument("--seed", type=int, default=12345, help="world + sampling seed (default 12345; training uses 1 and 2)")
     p.add_argument("--plain", type=int, help=f"how many plain chit-chat prompts (default all {len(PLAIN)})")
+    p.add_argument("--backend", choices=["transformers", "llama_cpp", "auto"],
+                   help="who runs the LLM (default: the profile's llm.backend)")
     p.add_argument("--max-new-tokens", type=int, help="default: the profile's generation.max_new_tokens")
     p.add_argument("--steps", type=int, help="denoising steps (default: the profile's)")
     p.add_argument("--out", help="keep inputs, generated media and cases.jsonl here")
@@ -606,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         ckpt = None if args.checkpoint.lower() == "none" else args.checkpoint
         profile = profile.model_copy(update={"checkpoint": ckpt})
+    if args.backend:
+        profile = profile.model_copy(update={"llm": profile.llm.model_copy(update={"backend": args.backend})})
     from assistant.agent import Assistant
 
     out_dir = Path(args.out) if args.out else None

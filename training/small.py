@@ -524,7 +524,7 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     import torch
     from safetensors.torch import load_file, save_file
 
-    from training.stages import _target_dirs
+    from training.stages import _target_dirs, transformers_profile
     from nextgpt.checkpoint import META_FILE, WEIGHTS_FILE
     from nextgpt.config import load_settings
     from nextgpt.model import NextGPT
@@ -547,7 +547,7 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
         _say("refit: complete, skipped")
         return out
     t0 = time.perf_counter()
-    model = NextGPT.from_profile(profile, settings.cache_path)
+    model = NextGPT.from_profile(transformers_profile(profile), settings.cache_path)
     model.llm.eval()
     enc = DialogEncoder(model.tokenizer, model.template, model.system_prompt, plan.stages[last].max_length)
 

@@ -182,13 +182,19 @@ class _bar:
         self.p.stop()
 
 
+def transformers_profile(profile):
+    """The profile with its LLM on transformers: training needs its modules and gradients, whatever
+    backend (`auto`, llama.cpp) the profile runs chats on."""
+    return profile.model_copy(update={"llm": profile.llm.model_copy(update={"backend": "transformers"})})
+
+
 def load_model(settings, profile, init: Path | None, log):
     """The profile's model without its checkpoint, then `init`'s tensors; returns (model, its adapter
     dir or None, whether it replaced the whole embedding matrices)."""
     from nextgpt.checkpoint import Checkpoint, apply_checkpoint, load_checkpoint
     from nextgpt.model import NextGPT
 
-    model = NextGPT.from_profile(profile.model_copy(update={"checkpoint": None}), settings.cache_path)
+    model = NextGPT.from_profile(transformers_profile(profile).model_copy(update={"checkpoint": None}), settings.cache_path)
     if init is None:
         return model, None, False
     ckpt = load_checkpoint(init)
