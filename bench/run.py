@@ -62,6 +62,7 @@ def _model(settings, profile_name: str, llm_source: str | None):
     profile = settings.profile(profile_name).model_copy(deep=True)
     if llm_source:
         profile.llm.source, profile.llm.template, profile.checkpoint = llm_source, "chat", None
+    profile.llm.backend = "transformers"  # the turns / decode sections measure the transformers path (llama: its own section)
     return NextGPT.from_profile(profile, settings.cache_path)
 
 

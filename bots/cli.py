@@ -50,14 +50,18 @@ def _seed(text: str) -> int:
 
 def cmd_ask(args) -> int:
     from nextgpt.limits import check_message, check_text
-    from nextgpt.media import AttachmentError, validate_attachment
 
     try:  # an argv with invalid UTF-8 arrives with lone surrogates: refused before anything is saved
         check_text(args.prompt, "the prompt")
     except ValueError as e:
         raise UserError(str(e)) from None
     settings = _settings(args)
+    from bots.quiet import quiet_logging
+
+    # before torch (nextgpt.media) imports tqdm, which reads TQDM_DISABLE once
+    quiet_logging(settings.data_path)  # stdout is the answer, stderr our own errors and warnings
     from nextgpt.limits import MAX_ATTACHMENTS
+    from nextgpt.media import AttachmentError, validate_attachment
 
     if len(args.attach) > MAX_ATTACHMENTS:  # counted before any file is read
         raise UserError(f"too many attachments ({len(args.attach)}, limit max_attachments = {MAX_ATTACHMENTS})")
@@ -73,9 +77,6 @@ def cmd_ask(args) -> int:
         raise UserError("--no-log cannot be combined with --continue / --session (they add to a saved session)")
     if args.session:  # checked before the model loads
         _session_or_error(_memory(settings), args.session)
-    from bots.quiet import quiet_logging
-
-    quiet_logging(settings.data_path)  # stdout is the answer, stderr our own errors and warnings
     from assistant.agent import Assistant
 
     assistant = Assistant(settings, args.profile, output_dir=args.out)

@@ -21,6 +21,8 @@ def quiet_logging(data_dir: Path) -> Path | None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm bars over the prompt or the answer
+    # nor plain tqdm ones (transformers' "Converting and de-quantizing GGUF tensors" on a first start)
+    os.environ.setdefault("TQDM_DISABLE", "1")
     logging.captureWarnings(True)
     root = logging.getLogger()
     path = data_dir / LOG_FILE

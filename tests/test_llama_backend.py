@@ -453,3 +453,33 @@ def test_shipped_small_weights_give_the_fp32_projector_outputs(settings, one_tor
     a, b = (m.generate(conv, max_new_tokens=40, temperature=0) for m in (ref, fast))
     assert a.text == b.text and [s.modality for s in a.signals] == [s.modality for s in b.signals] == ["image"], (a.text, b.text)
     assert _cos(a.signals[0].prompt_embeds, b.signals[0].prompt_embeds) >= 0.99
+
+
+def test_first_start_on_auto_says_one_line_and_draws_no_library_bars(tiny_gguf_models, tmp_path):
+    """`nextgpt ask` on a profile whose backend is `auto`, with an empty cache: the GGUF is dequantised
+    (transformers draws a plain tqdm bar for it) and the llama.cpp model prepared; the terminal shows
+    the one line saying so and the reply, nothing from the libraries."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from nextgpt.config import REPO_CONFIG
+
+    _, _, profile, _ = tiny_gguf_models
+    raw = yaml.safe_load(REPO_CONFIG.read_text())
+    prof = json.loads(profile.model_dump_json())
+    prof["llm"]["backend"] = "auto"
+    prof["llm"]["device"] = "cpu"
+    raw["profiles"] = {"gguf-auto": prof}
+    raw["default_profile"] = "gguf-auto"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_VERBOSITY") and k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")}
+    env.update(NEXTGPT_CACHE=str(tmp_path / "cache"), NEXTGPT_DATA=str(tmp_path / "data"), NEXTGPT_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "bots.cli", "--config", str(cfg), "ask", "--profile", "gguf-auto", "--no-log", "--seed", "1", "hello"],
+                       capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "preparing the llama.cpp model" in lines[0], r.stderr[-2000:]
+    assert (tmp_path / "cache" / "llama_cpp").is_dir() and r.stdout.strip()
