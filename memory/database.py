@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,6 @@ def _set_wal(cur: Any, timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> None:
     handler. So: nothing to do when the file is already in WAL (the mode is stored in it); else
     retry until the busy timeout.
     """
-    import sqlite3
-
     deadline = time.monotonic() + timeout_s
     tries = 0
     while True:

@@ -43,6 +43,11 @@ class LLMConfig(_Strict):
         "transformers", description="who runs the LLM: transformers, llama.cpp on a GGUF source (nextgpt/llama_backend.py), "
         "or auto: llama.cpp for a GGUF source on a CPU where llama-cpp-python is installed, else transformers")
 
+    @property
+    def is_gguf(self) -> bool:
+        """The source is a GGUF file (`source: x.gguf`, or a folder + `gguf_file`)."""
+        return self.source.endswith(".gguf") or bool(self.gguf_file)
+
     def resolved_backend(self) -> Literal["transformers", "llama_cpp"]:
         """Who runs this LLM. `auto`: llama.cpp when the source is a GGUF, the LLM runs on a CPU (device
         cpu, or auto without a CUDA/MPS GPU) and llama-cpp-python is installed; transformers otherwise
@@ -51,8 +56,7 @@ class LLMConfig(_Strict):
             return self.backend
         import importlib.util
 
-        gguf = self.source.endswith(".gguf") or bool(self.gguf_file)
-        if not gguf or self.device not in ("cpu", "auto") or importlib.util.find_spec("llama_cpp") is None:
+        if not self.is_gguf or self.device not in ("cpu", "auto") or importlib.util.find_spec("llama_cpp") is None:
             return "transformers"
         if self.device == "auto":
             import torch

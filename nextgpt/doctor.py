@@ -50,7 +50,7 @@ def _backend_status(llm) -> str:
     import importlib.util
 
     why = ("llama-cpp-python is not installed (`make setup` builds it)" if importlib.util.find_spec("llama_cpp") is None
-           else "the source is not a GGUF file" if not (llm.source.endswith(".gguf") or llm.gguf_file)
+           else "the source is not a GGUF file" if not llm.is_gguf
            else "the LLM runs on a GPU")  # fmt: skip
     return f"transformers (auto: {why})"
 
