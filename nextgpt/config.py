@@ -49,22 +49,30 @@ class LLMConfig(_Strict):
         return self.source.endswith(".gguf") or bool(self.gguf_file)
 
     def resolved_backend(self) -> Literal["transformers", "llama_cpp"]:
-        """Who runs this LLM. `auto`: llama.cpp when the source is a GGUF, the LLM runs on a CPU (device
-        cpu, or auto without a CUDA/MPS GPU) and llama-cpp-python is installed; transformers otherwise
-        (a GPU runs the transformers path; without the package there is nothing else)."""
+        """Who runs this LLM (`backend_choice` without its reason)."""
+        return self.backend_choice()[0]
+
+    def backend_choice(self) -> tuple[Literal["transformers", "llama_cpp"], str]:
+        """(who runs this LLM, why). `auto`: llama.cpp when the source is a GGUF, the LLM runs on a CPU
+        (device cpu, or auto without a CUDA/MPS GPU) and llama-cpp-python is installed; transformers
+        otherwise (a GPU runs the transformers path; without the package there is nothing else)."""
         if self.backend != "auto":
-            return self.backend
+            return self.backend, "set in the profile"
         import importlib.util
 
-        if not self.is_gguf or self.device not in ("cpu", "auto") or importlib.util.find_spec("llama_cpp") is None:
-            return "transformers"
+        if importlib.util.find_spec("llama_cpp") is None:
+            return "transformers", "auto: llama-cpp-python is not installed (`make setup` builds it)"
+        if not self.is_gguf:
+            return "transformers", "auto: the source is not a GGUF file"
+        if self.device not in ("cpu", "auto"):
+            return "transformers", f"auto: the LLM runs on {self.device}"
         if self.device == "auto":
             import torch
 
             mps = getattr(torch.backends, "mps", None)
             if torch.cuda.is_available() or (mps is not None and mps.is_available()):
-                return "transformers"
-        return "llama_cpp"
+                return "transformers", "auto: the LLM runs on a GPU"
+        return "llama_cpp", "auto: a GGUF source on the CPU, llama-cpp-python installed"
 
 
 class EncoderConfig(_Strict):

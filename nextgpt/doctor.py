@@ -41,26 +41,13 @@ def source_status(source: str, cache_dir: Path, tiny_dir: str, marker: str) -> t
     return f"hub {source} (not downloaded yet; needs the hub on first use)", False
 
 
-def _backend_status(llm) -> str:
-    chosen = llm.resolved_backend()
-    if llm.backend != "auto":
-        return chosen
-    if chosen == "llama_cpp":
-        return "llama_cpp (auto: a GGUF source on the CPU, llama-cpp-python installed)"
-    import importlib.util
-
-    why = ("llama-cpp-python is not installed (`make setup` builds it)" if importlib.util.find_spec("llama_cpp") is None
-           else "the source is not a GGUF file" if not llm.is_gguf
-           else "the LLM runs on a GPU")  # fmt: skip
-    return f"transformers (auto: {why})"
-
-
 def component_status(profile: Profile, cache_dir: Path):
     """Yields (component, device, status, ok) for every component of a profile."""
     llm = profile.llm
     llm_source = llm.source if not llm.gguf_file else str(Path(llm.source) / llm.gguf_file)
     yield ("llm", llm.device, *source_status(llm_source, cache_dir, "llm", "config.json"))
-    yield ("llm backend", "", _backend_status(llm), True)
+    backend, why = llm.backend_choice()
+    yield ("llm backend", "", f"{backend} ({why})", True)
     yield ("encoder", profile.encoder.device, *source_status(profile.encoder.source, cache_dir, "imagebind", ""))
     for modality, dec in profile.decoders.items():
         yield (f"decoder {modality}", dec.device, *source_status(dec.source, cache_dir, modality, "model_index.json"))

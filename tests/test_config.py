@@ -88,6 +88,7 @@ def test_llm_backend_auto_picks_llama_cpp_only_where_it_can_run(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
     assert small.model_copy(update={"device": "cpu"}).resolved_backend() == "transformers"
+    assert "not installed" in small.model_copy(update={"device": "cpu"}).backend_choice()[1]  # doctor's reason
 
 
 def test_llm_backend_is_validated(tmp_path):
