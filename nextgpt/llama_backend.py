@@ -299,7 +299,9 @@ class LlamaContext:
         cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.embeddings = True
         cparams.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
-        cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED  # attention over a long history costs less
+        # flash attention off: on this CPU its kernel made every token cost more as the history grew (SmolLM2,
+        # 2 threads, 60 → 950 positions: 19.0 → 28.8 ms a token with it, 20.9 → 25.9 without; docs/performance.md)
+        cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = lib.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             raise BackendError(f"llama.cpp could not create a context for {gguf}")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from nextgpt.config import REPO_CONFIG, load_settings
 from tools import TOOLS, AudioTool, DecoderTool, ImageTool, MediaOutput, VideoTool, build_tools
@@ -230,6 +231,28 @@ def test_no_guidance_and_steps_override(tools):
     assert calls == [(1, 3), (2, 3), (3, 3)]
     assert (a.guidance, a.steps) == (1.0, 3)
     assert a.sha256 != b.sha256
+
+
+def test_onednn_off_runs_native_convolutions_for_the_call_alone(decoders, dirs, tools):
+    """`onednn: false` (the small decoders): the denoising runs without oneDNN, the same picture comes
+    out, and the process-wide setting is back as it was after the call, error or not."""
+    assert torch.backends.mkldnn.enabled
+    tool = ImageTool(decoders["image"].model_copy(update={"onednn": False}), *dirs)
+    seen = []
+    (a,) = tool(embeds("image"), seed=0, steps=3, callback=lambda s, t: seen.append(torch.backends.mkldnn.enabled))
+    assert seen == [False, False, False] and torch.backends.mkldnn.enabled
+    seen.clear()
+    (b,) = tools["image"](embeds("image"), seed=0, steps=3, callback=lambda s, t: seen.append(torch.backends.mkldnn.enabled))
+    assert seen == [True, True, True]
+    pixels = [np.asarray(Image.open(o.path), dtype=np.int16) for o in (a, b)]
+    assert np.abs(pixels[0] - pixels[1]).max() <= 2  # other kernels, the same picture (float rounding apart)
+
+    def stop(step, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tool(embeds("image"), seed=0, steps=3, callback=stop)
+    assert torch.backends.mkldnn.enabled
 
 
 def test_any_token_count_for_sequence_embeds(tools):

@@ -121,6 +121,20 @@ def _quiet_loading():
                 m.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _onednn(enabled: bool):
+    """Run PyTorch's CPU convolutions through oneDNN or not (`DecoderConfig.onednn`), then restore the
+    setting. Set directly: `torch.backends.mkldnn.flags` also resets the other flags and warns about TF32."""
+    import torch
+
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
 def _drop_deprecated_notice(record) -> bool:
     return "has been deprecated and will not receive" not in record.getMessage()
 
@@ -421,7 +435,7 @@ class DecoderTool:
                     generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
                 else:
                     generator = torch.Generator("cpu").manual_seed(seed)
-                with torch.inference_mode():
+                with torch.inference_mode(), _onednn(self.cfg.onednn or self.device != "cpu"):
                     rows = self._generate(
                         pipe,
                         embeds,
