@@ -23,7 +23,7 @@ MODALITIES = ("image", "audio", "video")
 
 # The decoder settings the small profile should use (DecoderConfig fields).
 SETTINGS: dict[str, dict[str, Any]] = {
-    "image": {"steps": 12, "guidance": 4.0, "height": 64, "width": 64},
+    "image": {"steps": 16, "guidance": 4.0, "height": 64, "width": 64},
     "audio": {"steps": 10, "guidance": 2.5, "seconds": 1.0},
     "video": {"steps": 15, "guidance": 1.0, "height": 32, "width": 32, "frames": 8, "fps": 8},
 }
