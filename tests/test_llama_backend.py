@@ -424,6 +424,35 @@ def test_chunked_feeding_matches_one_batch(tiny_gguf_models):
         whole.use(0)
 
 
+@pytest.mark.parametrize("backend", ["transformers", "llama_cpp"])
+def test_a_signal_group_fed_in_one_pass_equals_token_by_token(tiny_gguf_models, backend):
+    """generate feeds a whole signal group in one pass (`_feed` with the group's tokens): the states at
+    every token and the next token's logits are those of feeding it one token at a time."""
+    from nextgpt.model import PromptCache
+
+    reference, fast, _, _ = tiny_gguf_models
+    model = fast if backend == "llama_cpp" else reference
+    inputs, keys = model.build_inputs(_messages())
+    group = model.signal_ids["video"]  # 24 tokens
+    runs = []
+    for one_pass in (True, False):
+        cache = PromptCache()  # the conversation's sequence on llama.cpp; a fresh KV cache on transformers
+        _, run = model._prefill(inputs, keys, cache)
+        if one_pass:
+            logits, states = model._feed(run, group)
+        else:
+            fed = [model._feed(run, [t]) for t in group]
+            logits, states = fed[-1][0], [s for _, (s,) in fed]
+        runs.append((logits, torch.stack(states)))
+    (la, sa), (lb, sb) = runs
+    assert sa.shape[0] == sb.shape[0] == len(group)
+    # batch kernels round differently from one-row ones (~1e-3): near, not equal; a state read at the wrong
+    # position, or the logits of another token, would differ entirely
+    assert torch.allclose(sa, sb, atol=1e-2 * sb.abs().max().item())
+    assert torch.allclose(la, lb, atol=1e-2 * lb.abs().max().item())
+    assert _cos(sa[5], sb[6]) < 0.999  # neighbouring positions are told apart at this tolerance
+
+
 @pytest.mark.slow
 def test_shipped_small_weights_give_the_fp32_projector_outputs(settings, one_torch_thread):
     # the backend `small` runs on by default (auto) against the transformers reference, on the committed
