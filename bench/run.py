@@ -92,6 +92,10 @@ def bench_turns(model, turns: int, new_tokens: int, repeat: int = 3) -> dict:
     samples = {"cached": [[] for _ in questions], "nocache": [[] for _ in questions]}
     for _ in range(repeat):
         cache, cached_history, fresh_history = PromptCache(), [], []
+        if hasattr(model, "context"):  # llama.cpp's sequences keep the last run's prefix: every repeat starts empty
+            for seq in (0, 1):
+                model.context.use(seq)
+                model.context.keep(0)
         for i, q in enumerate(questions):
             samples["cached"][i].append(turn(cached_history, q, cache))
             samples["nocache"][i].append(turn(fresh_history, q, None))
@@ -348,7 +352,7 @@ def bench_llama(settings, profile_name: str, tokens: int, rounds: int, turns: in
             made.append([getattr(m, "modality", "?") for m in getattr(reply, "media", [])])
         result["turn_text_to_image_s"] = statistics.median(times)
         result["turn_media"] = made
-    result["turns"] = bench_turns(fast, turns, new_tokens=8, repeat=1)
+    result["turns"] = bench_turns(fast, turns, new_tokens=8, repeat=3)  # medians of 3: one run of a turn varies by ±20 %
     del fast, raw
     # raw llama.cpp on the profile's own (block-quantised) GGUF: what F16 layer matrices cost
     from nextgpt.llama_backend import source_gguf
