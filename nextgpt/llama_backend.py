@@ -374,27 +374,27 @@ class LlamaContext:
             pass
         self.keys.extend(keys)
 
-    def states(self, rows: np.ndarray, keys: list, last_logits: bool = False):
-        """Feed `rows` (T, H) after what the cache holds; the last-layer hidden state at each, (T, H)
-        (`last_logits`: and the last position's logits, a copy)."""
+    def states(self, rows: np.ndarray, keys: list) -> np.ndarray:
+        """Feed `rows` (T, H) after what the cache holds; the last-layer hidden state at each, (T, H)."""
         self._set_embeddings(True)
         out = np.empty((len(rows), self.n_embd), dtype=np.float32)
         for i, n in self._decode_all(rows, "all"):
             for j in range(n):
                 out[i + j] = np.ctypeslib.as_array(self.lib.llama_get_embeddings_ith(self.ctx, j), shape=(self.n_embd,))
         self.keys.extend(keys)
-        if not last_logits:
-            return out
-        return out, np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,)).copy()
+        return out
+
+    def last_logits(self) -> np.ndarray:
+        """The logits of the last position the last feed output, a copy."""
+        return np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,)).copy()
 
     def step(self, row: np.ndarray, key) -> tuple[np.ndarray, np.ndarray]:
         """Feed one position; (logits, last-layer hidden state), both copies."""
         self._set_embeddings(True)
         self._decode(row[None], len(self.keys), "last")
         self.keys.append(key)
-        logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, 0), shape=(self.n_vocab,)).copy()
         hidden = np.ctypeslib.as_array(self.lib.llama_get_embeddings_ith(self.ctx, 0), shape=(self.n_embd,)).copy()
-        return logits, hidden
+        return self.last_logits(), hidden
 
 
 class _TextConfig:
@@ -505,12 +505,8 @@ class LlamaCppNextGPT(NextGPT):
     def _feed(self, run: Run, tokens: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self._check_room(len(tokens))
         rows = self.embed_rows[tokens]
-        if len(tokens) == 1:
-            logits, hidden = self.context.step(rows[0], tokens[0])
-            hiddens = hidden[None]
-        else:  # a signal group: every position's state, the last one's logits
-            hiddens, logits = self.context.states(rows, tokens, last_logits=True)
-        logits = self._exact_new_logits(logits, hiddens[-1])
+        hiddens = self.context.states(rows, tokens)  # one token, or a whole signal group in one pass
+        logits = self._exact_new_logits(self.context.last_logits(), hiddens[-1])
         return torch.from_numpy(logits), [torch.from_numpy(h + r) for h, r in zip(hiddens, rows)]
 
     def _states(self, run: Run, tokens: list[int]) -> list[torch.Tensor]:
