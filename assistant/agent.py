@@ -81,7 +81,7 @@ class Draft:
 
     text: str
     trace: str
-    signals: list  # nextgpt.model.Signal, in the order emitted
+    signals: list  # nextgpt.loop.Signal, in the order emitted
     finish_reason: str
     settings: ChatSettings  # resolved (ChatSettings.resolved): the seed is concrete
     want: list[str]
@@ -135,6 +135,12 @@ class StopFilter:
             self.sent = end
 
 
+def _torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
 class Assistant:
     """One loaded model and its decoder tools for one profile; built once, reused for every turn."""
 
@@ -152,14 +158,13 @@ class Assistant:
     @property
     def model(self):
         if self._model is None:
-            from nextgpt.model import NextGPT
+            from nextgpt.loop import load_model
 
-            if self.settings.threads:
-                import torch
-
-                torch.set_num_threads(self.settings.threads)
-
-            self._model = NextGPT.from_profile(self.profile, self.settings.cache_path)
+            # the llama.cpp backend imports no torch until media or a signal group needs it (it sets the
+            # threads then); the transformers one imports it now
+            if self.settings.threads and self.profile.llm.resolved_backend() != "llama_cpp":
+                _torch_threads(self.settings.threads)
+            self._model = load_model(self.profile, self.settings.cache_path, n_threads=self.settings.threads or None)
         return self._model
 
     @property
@@ -168,6 +173,8 @@ class Assistant:
             if self._tools is None:
                 from tools import build_tools
 
+                if self.settings.threads:
+                    _torch_threads(self.settings.threads)
                 self._tools = build_tools(self.profile.decoders, self.settings.cache_path, self.output_dir)
         return self._tools
 
@@ -186,7 +193,7 @@ class Assistant:
     ) -> Draft:
         """Step 1 of a turn: the LLM's text and signals (no decoder runs). `settings` (None: all
         the profile's) are resolved here, once: the Draft carries the concrete values.
-        `cache`: the conversation's nextgpt.model.PromptCache, so a turn pays only for new tokens.
+        `cache`: the conversation's nextgpt.loop.PromptCache, so a turn pays only for new tokens.
         `stop`: the reply's text ends before the first of these strings (the media it asked for are
         still made). `check()`: called for every piece of text and every decoder step; it may raise
         `Cancelled` to abandon the reply. `on_progress(modality, step, total)`: decoder steps, at

@@ -74,7 +74,7 @@ class Chat:
         self._embeddings: dict[str, object] = {}  # sha256 → ImageBind vector of stored media
         self._token_counts: dict[str, int] = {}  # message text → its token count (for truncation)
         self._window_start: str | None = None  # id of the first turn kept in the context (truncation)
-        self.cache = None  # nextgpt.model.PromptCache: the LLM's key/value cache across turns
+        self.cache = None  # nextgpt.loop.PromptCache: the LLM's key/value cache across turns
         self.use_cache = True
 
     @classmethod
@@ -199,7 +199,7 @@ class Chat:
     def _generate(self, want, settings: ChatSettings, *, on_text, on_progress, stop=None, check=None) -> Draft:
         messages = self.context(self.memory.turns(self.session.id), settings)
         if self.use_cache and self.cache is None:
-            from nextgpt.model import PromptCache
+            from nextgpt.loop import PromptCache
 
             self.cache = PromptCache()
         return self.assistant.generate(

@@ -127,15 +127,20 @@ def _quiet_progress_bars(assistant) -> None:
 
 
 class _Loader:
-    """Loads the model in a background thread. Only the model: the decoder tools (diffusers' import,
-    the pipelines) are built on first render, so they do not compete with the first reply's decode
-    for the CPU (measured: a first reply's text came 0.5 s later while diffusers imported beside it)."""
+    """Loads the model in a background thread; `done` is set once it can reply. On the llama.cpp backend
+    that is before torch is imported: its media parts (torch, ImageBind, the projectors) then load on the
+    same thread (`model.warm()`), while the user types or beside the first reply's words. The decoder tools
+    (diffusers' import, the pipelines) are built on first render, so they do not compete with the first
+    reply's decode for the CPU (measured: a first reply's text came 0.5 s later while diffusers imported
+    beside it)."""
 
     def __init__(self, assistant, on_done=None):
         self.assistant = assistant
         self.on_done = on_done  # called from the loader thread when loading ends (e.g. redraw the toolbar)
         self.error: BaseException | None = None
         self.done = threading.Event()
+        self.idle = threading.Event()  # cleared while a reply waits for the model or runs (ChatUI)
+        self.idle.set()
         self.start()
 
     def start(self) -> None:
@@ -146,10 +151,11 @@ class _Loader:
     def _load(self) -> None:
         try:
             _quiet_progress_bars(self.assistant)
-            self.assistant.model
+            model = self.assistant.model
         except BaseException as e:  # reported on the next message, as one line
             log.warning("model load failed", exc_info=True)
             self.error = e
+            model = None
         finally:
             self.done.set()
             if self.on_done is not None:
@@ -157,6 +163,15 @@ class _Loader:
                     self.on_done()
                 except Exception:  # pragma: no cover - a redraw is best effort
                     pass
+        if model is not None:
+            # what a text reply does not need (llama.cpp backend: torch, ImageBind, the projectors), once no
+            # reply is under way: a first message sent before the model was up is answered first, alone on
+            # the CPU; one typed while these load runs beside them
+            self.idle.wait()
+            try:
+                model.warm()
+            except Exception:  # a media input or signal group that needs them reports the error then
+                log.warning("loading the media parts failed", exc_info=True)
 
 
 # ------------------------------------------------------------------------------------ one reply
@@ -500,9 +515,11 @@ class ChatUI:
 
     # ---- turns
     def ensure_model(self) -> bool:
+        """Wait for the model; True when it is up. The caller then runs its reply and calls `turn_done`."""
         loader = self.loader
         if loader is None:
             return True
+        loader.idle.clear()
         if not loader.done.is_set():
             if self.console.is_terminal:
                 with self.console.status("loading model…", spinner="dots"):
@@ -512,9 +529,14 @@ class ChatUI:
                 loader.done.wait()
         if loader.error is not None:
             self.error(f"could not load the model: {_one_line(loader.error)}")
+            loader.idle.set()
             loader.start()  # try again in the background for the next message
             return False
         return True
+
+    def turn_done(self) -> None:
+        if self.loader is not None:
+            self.loader.idle.set()
 
     def send(self, text: str, want: list[str]):
         if not self.ensure_model():
@@ -539,6 +561,7 @@ class ChatUI:
             return None
         finally:
             view.close()
+            self.turn_done()
         self.show_reply(reply, streamed=self.stream and view.wrote, elapsed=time.perf_counter() - t0)
         return None
 

@@ -10,6 +10,7 @@ This module imports no torch, so that `nextgpt --help` and the memory commands s
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -66,13 +67,26 @@ class LLMConfig(_Strict):
             return "transformers", "auto: the source is not a GGUF file"
         if self.device not in ("cpu", "auto"):
             return "transformers", f"auto: the LLM runs on {self.device}"
-        if self.device == "auto":
+        if self.device == "auto" and _torch_may_see_a_gpu():
             import torch
 
             mps = getattr(torch.backends, "mps", None)
             if torch.cuda.is_available() or (mps is not None and mps.is_available()):
                 return "transformers", "auto: the LLM runs on a GPU"
         return "llama_cpp", "auto: a GGUF source on the CPU, llama-cpp-python installed"
+
+
+def _torch_may_see_a_gpu() -> bool:
+    """False when the installed torch is a CPU-only build (no CUDA / ROCm library beside libtorch, not macOS,
+    where MPS is built in): then `auto` needs no torch import (~2-3 s) to know there is no GPU."""
+    import importlib.util
+
+    if sys.platform == "darwin":
+        return True
+    spec = importlib.util.find_spec("torch")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any(any((Path(p) / "lib").glob(f"libtorch_{gpu}*")) for p in spec.submodule_search_locations for gpu in ("cuda", "hip"))
 
 
 class EncoderConfig(_Strict):

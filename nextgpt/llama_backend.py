@@ -30,16 +30,16 @@ import contextlib
 import ctypes
 import hashlib
 import json
+import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from nextgpt.config import Profile
-from nextgpt.model import NextGPT, Run
+from nextgpt.loop import Run, Signal, SignalLoop
 from nextgpt.tokens import MODALITIES, NEW_TOKENS
 
 BUILD_VERSION = 3  # bump when the files written by `_build` change
@@ -128,6 +128,8 @@ def quiet_libraries():
 
 def _build(profile: Profile, cache_dir: Path, tmp: Path) -> None:
     from safetensors.torch import save_file
+
+    from nextgpt.model import NextGPT
 
     reference = profile.model_copy(deep=True)
     reference.llm.backend, reference.llm.device, reference.llm.dtype = "transformers", "cpu", "float32"
@@ -397,14 +399,6 @@ class LlamaContext:
         return self.last_logits(), hidden
 
 
-class _TextConfig:
-    def __init__(self, hidden_size: int, max_position_embeddings: int):
-        self.hidden_size, self.max_position_embeddings = hidden_size, max_position_embeddings
-
-    def get_text_config(self):
-        return self
-
-
 def load_tokenizer(folder: Path):
     """The prepared tokenizer. A plain `tokenizer.json` one (SmolLM2's: "TokenizersBackend") is read by
     `nextgpt.tokenizer.Tokenizer`, on the `tokenizers` library alone: importing transformers would cost
@@ -420,69 +414,137 @@ def load_tokenizer(folder: Path):
         return AutoTokenizer.from_pretrained(folder)
 
 
-class EmbeddingsOnly(nn.Module):
-    """What `NextGPT` reads of its LLM when llama.cpp runs the layers: the input embeddings (fp32:
-    the GGUF's rows dequantised + our 38 new rows) and the config's sizes."""
+def physical_cores() -> int:
+    """The physical cores this process may run on (hyper-threads of one core count once), torch's and
+    llama.cpp's own default thread count; without torch, so that a chat start need not import it."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
 
-    def __init__(self, weight: torch.Tensor, max_positions: int):
-        super().__init__()
-        self.embed_tokens = nn.Embedding.from_pretrained(weight, freeze=True)
-        self.config = _TextConfig(weight.shape[1], max_positions)
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
+class LlamaCppNextGPT(SignalLoop):
+    """NExT-GPT with llama.cpp running the LLM (see the module docstring): `SignalLoop.generate` with the LLM
+    steps below. Text needs no torch: the embedding rows and the new tokens' output rows are numpy arrays. The
+    torch parts (ImageBind, the input projection, the output projectors) load on first use — a media input or
+    a signal group — or when `warm()` is called (the chat calls it once the model is up, in the background)."""
 
-
-class LlamaCppNextGPT(NextGPT):
-    """`NextGPT` whose `generate` runs the LLM in llama.cpp (see the module docstring)."""
+    def __init__(self, context: "LlamaContext", tokenizer, parts: dict, folder: Path, profile: Profile, cache_dir: Path,
+                 *, n_threads: int | None = None):  # fmt: skip
+        self._setup(tokenizer, profile.llm.template, profile.llm.system_prompt)
+        self.context = context
+        self.folder, self.profile, self.cache_dir = folder, profile, cache_dir
+        self.torch_threads = n_threads  # set on torch when it loads (None: torch's default)
+        self.embed_rows = parts["embed"]  # fp32 input embeddings: the GGUF's rows dequantised + our 38 new rows
+        self.lm_head_new = parts["lm_head_new"]  # the 38 new tokens' output rows, fp32
+        self.new_ids = np.arange(self.embed_rows.shape[0] - len(NEW_TOKENS), self.embed_rows.shape[0])
+        self._parts = None
+        self._parts_lock = threading.Lock()
 
     @classmethod
     def from_profile(cls, profile: Profile, cache_dir: Path, *, n_threads: int | None = None) -> "LlamaCppNextGPT":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        from nextgpt.devices import resolve
-        from nextgpt.encoder import MediaEncoder
         from nextgpt.llm import add_nextgpt_tokens
-        from nextgpt.projectors import InputProjection, OutputProjector
 
         import_llama_cpp()  # a missing install is named before any preparing
         folder = prepare(profile, cache_dir)
         # llama.cpp maps the GGUF and builds its context in C, without the GIL: on a second thread, beside
         # the Python parts below (~0.3 s of a chat start)
         loading = ThreadPoolExecutor(1, thread_name_prefix="nextgpt-llama-load")
-        pending = loading.submit(LlamaContext, folder / MODEL_FILE, n_threads=n_threads or torch.get_num_threads())
+        pending = loading.submit(LlamaContext, folder / MODEL_FILE, n_threads=n_threads or physical_cores())
         loading.shutdown(wait=False)
-        meta = json.loads((folder / META_FILE).read_text())
-        parts = load_file(str(folder / PARTS_FILE))
+        with safe_open(str(folder / PARTS_FILE), "np") as f:  # the torch parts' weights load with them (_torch_parts)
+            parts = {k: f.get_tensor(k) for k in ("embed", "lm_head_new")}
         tokenizer = load_tokenizer(folder / TOKENIZER_DIR)
         add_nextgpt_tokens(tokenizer)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        enc_device, enc_dtype = resolve(profile.encoder.device, profile.encoder.dtype)
-        encoder = MediaEncoder(profile.encoder, cache_dir, enc_device, enc_dtype)
-        hidden = meta["hidden"]
-        input_proj = InputProjection(meta["encoder_dim"], hidden)
-        input_proj.load_state_dict({k[len("input_proj."):]: v for k, v in parts.items() if k.startswith("input_proj.")})
-        projectors = nn.ModuleDict({m: OutputProjector(hidden, profile.projectors[m]) for m in MODALITIES})
-        projectors.load_state_dict({k[len("output_projectors."):]: v for k, v in parts.items() if k.startswith("output_projectors.")})
-        input_proj.eval().requires_grad_(False)
-        projectors.eval().requires_grad_(False)
-        context = pending.result()
-        model = cls(EmbeddingsOnly(parts["embed"], context.n_ctx), tokenizer, encoder, input_proj, projectors,
-                    template=profile.llm.template, system_prompt=profile.llm.system_prompt)  # fmt: skip
-        model.context = context
-        model.lm_head_new = parts["lm_head_new"].numpy()
-        model.new_ids = np.arange(parts["embed"].shape[0] - len(NEW_TOKENS), parts["embed"].shape[0])
-        model.embed_rows = parts["embed"].numpy()
-        return model
+        return cls(pending.result(), tokenizer, parts, folder, profile, cache_dir, n_threads=n_threads)
 
-    # NextGPT.generate's loop (sampling, forced signal groups, `want`, stop strings, the repetition guard,
+    # ------------------------------------------------------------------ the torch parts, loaded on first use
+    def _torch_parts(self) -> tuple:
+        with self._parts_lock:  # the chat's loader thread may be loading them while a reply asks
+            if self._parts is None:
+                import torch
+                from safetensors import safe_open
+                from torch import nn
+
+                from nextgpt.devices import resolve
+                from nextgpt.encoder import MediaEncoder
+                from nextgpt.projectors import InputProjection, OutputProjector
+
+                if self.torch_threads:
+                    torch.set_num_threads(self.torch_threads)
+                meta = json.loads((self.folder / META_FILE).read_text())
+                with safe_open(str(self.folder / PARTS_FILE), "pt") as f:  # not the 100 MB embedding matrix again
+                    parts = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("input_proj.", "output_projectors."))}
+                enc_device, enc_dtype = resolve(self.profile.encoder.device, self.profile.encoder.dtype)
+                encoder = MediaEncoder(self.profile.encoder, self.cache_dir, enc_device, enc_dtype)
+                input_proj = InputProjection(meta["encoder_dim"], meta["hidden"])
+                input_proj.load_state_dict({k[len("input_proj."):]: v for k, v in parts.items() if k.startswith("input_proj.")})
+                projectors = nn.ModuleDict({m: OutputProjector(meta["hidden"], self.profile.projectors[m]) for m in MODALITIES})
+                projectors.load_state_dict({k[len("output_projectors."):]: v for k, v in parts.items() if k.startswith("output_projectors.")})
+                input_proj.eval().requires_grad_(False)
+                projectors.eval().requires_grad_(False)
+                self._parts = (encoder, input_proj, projectors)
+        return self._parts
+
+    def warm(self) -> None:
+        self._torch_parts()
+
+    @property
+    def encoder(self):
+        return self._torch_parts()[0]
+
+    @property
+    def input_proj(self):
+        return self._torch_parts()[1]
+
+    @property
+    def output_projectors(self):
+        return self._torch_parts()[2]
+
+    # ------------------------------------------------------------------ inputs and projection
+    def _token_rows(self, ids: list[int]) -> np.ndarray:
+        return self.embed_rows[ids]
+
+    def encode_media(self, items) -> np.ndarray:
+        import torch
+
+        from nextgpt.model import project_media
+
+        with torch.inference_mode():
+            return project_media(self.encoder, self.input_proj, items).float().numpy()
+
+    def _cat(self, pieces: list) -> np.ndarray:
+        return np.concatenate(pieces)
+
+    def _max_positions(self) -> int:
+        return self.context.n_ctx
+
+    def _project(self, modality: str, states: list, position: int) -> Signal:
+        import torch
+
+        projector = self.output_projectors[modality]
+        group = torch.from_numpy(np.stack(states))[None]
+        with torch.inference_mode():
+            return Signal(modality, projector(group), position, group)
+
+    # SignalLoop.generate's loop (sampling, forced signal groups, `want`, stop strings, the repetition guard,
     # streaming, projection) runs as it is; these are its LLM steps on llama.cpp. With a PromptCache,
     # llama.cpp's KV cache (sequence 0) keeps its longest prefix shared with the prompt; without one the
     # prompt is decoded from scratch in sequence 1, as the transformers path does, and freed afterwards.
-    def _prefill(self, inputs: torch.Tensor, keys: list, cache) -> tuple[torch.Tensor, Run]:
+    def _prefill(self, inputs: np.ndarray, keys: list, cache) -> tuple[np.ndarray, Run]:
         ctx = self.context
-        rows = inputs[0].float().numpy()
+        rows = np.asarray(inputs[0], dtype=np.float32)
         reused = 0
         # an uncached call leaves the cached conversation alone: it runs in the scratch sequence, reusing the
         # prefix it shares with the last uncached call (side reads share the system prompt)
@@ -496,23 +558,23 @@ class LlamaCppNextGPT(NextGPT):
         if len(keys) - reused > 1:
             ctx.prefill(rows[reused:-1], keys[reused:-1])
         logits, hidden = ctx.step(rows[-1], keys[-1])  # the last position with its hidden state: exact new-token logits
-        return torch.from_numpy(self._exact_new_logits(logits, hidden)), Run(reused)
+        return self._exact_new_logits(logits, hidden), Run(reused)
 
     def _check_room(self, n: int) -> None:
         if len(self.context.keys) + n > self.context.n_ctx:
             raise BackendError(f"the reply ran past llama.cpp's context of {self.context.n_ctx} positions")
 
-    def _feed(self, run: Run, tokens: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _feed(self, run: Run, tokens: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
         self._check_room(len(tokens))
         rows = self.embed_rows[tokens]
         hiddens = self.context.states(rows, tokens)  # one token, or a whole signal group in one pass
         logits = self._exact_new_logits(self.context.last_logits(), hiddens[-1])
-        return torch.from_numpy(logits), [torch.from_numpy(h + r) for h, r in zip(hiddens, rows)]
+        return logits, list(hiddens + rows)
 
-    def _states(self, run: Run, tokens: list[int]) -> list[torch.Tensor]:
+    def _states(self, run: Run, tokens: list[int]) -> list[np.ndarray]:
         self._check_room(len(tokens))
         rows = self.embed_rows[tokens]
-        return [torch.from_numpy(h + r) for h, r in zip(self.context.states(rows, tokens), rows)]
+        return list(self.context.states(rows, tokens) + rows)
 
     def _cut(self, run: Run, length: int) -> None:
         self.context.keep(length)

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from nextgpt.config import LLMConfig
 from nextgpt.tokens import NEW_TOKENS
 
 if TYPE_CHECKING:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 _LAZY = ("AutoModelForCausalLM", "AutoTokenizer", "PreTrainedModel", "PreTrainedTokenizerBase")
@@ -60,6 +59,8 @@ class LoadedLLM:
 
 def build_tiny_llm(out_dir: Path) -> Path:
     """A toy LLaMA (2 layers, hidden 64) with a byte-level BPE tokenizer, saved with save_pretrained."""
+    import torch
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -200,6 +201,8 @@ def dequantised_copy_path(gguf: Path, cache_dir: Path) -> Path:
 def _dequantised_copy(path: str, gguf_file: str, cache_dir: Path, dtype: torch.dtype):
     """GGUF weights are dequantised on every load (~20 s for 135 M params); keep a safetensors copy
     in the cache dir, keyed by the file's size and mtime, and load that instead (~0.2 s)."""
+    import torch
+
     AutoModelForCausalLM, AutoTokenizer = _hf("AutoModelForCausalLM"), _hf("AutoTokenizer")  # noqa: N806
     gguf = Path(path) / gguf_file
     copy = dequantised_copy_path(gguf, cache_dir)
@@ -234,6 +237,8 @@ def add_nextgpt_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def load_llm(cfg: LLMConfig, cache_dir: Path, device: torch.device, dtype: torch.dtype) -> LoadedLLM:
+    import torch
+
     AutoModelForCausalLM, AutoTokenizer = _hf("AutoModelForCausalLM"), _hf("AutoTokenizer")  # noqa: N806
     path, gguf_file = resolve_source(cfg, cache_dir)
     kwargs = {"revision": cfg.revision} if cfg.revision else {}

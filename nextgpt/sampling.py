@@ -1,14 +1,16 @@
-"""Temperature, top-k and top-p (nucleus) warping of next-token logits: transformers'
+"""Sampling the next token, on numpy alone (a reply's first words need no torch: on the llama.cpp backend
+a chat start reaches its first reply text before torch, ~2-3 s of import, has loaded).
+
+`Warpers`: temperature, top-k and top-p (nucleus) warping of next-token logits, transformers'
 `TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper` (min_tokens_to_keep=1), in that
-order, with the same arithmetic. Kept here so that sampling a reply does not import transformers
-(~0.7-1.3 s of a `nextgpt chat` start on the llama.cpp backend, which needs nothing else from it);
-tests/test_core.py checks the results equal transformers' on random logits."""
+order, with the same rule (tests/test_core.py checks the results equal transformers' on random logits). `draw`: one token from the warped scores with a seeded numpy generator, the same on every
+backend and device (the logits are read back to the CPU)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -17,16 +19,56 @@ class Warpers:
     top_k: int = 0
     top_p: float = 1.0
 
-    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
-        """scores (batch, vocab) → warped scores (removed tokens at -inf)."""
+    def __call__(self, scores: np.ndarray) -> np.ndarray:
+        """scores (..., vocab) float32 → warped scores (removed tokens at -inf)."""
+        scores = np.asarray(scores, dtype=np.float32)
         if self.temperature != 1.0:
-            scores = scores / self.temperature
+            scores = scores / np.float32(self.temperature)
         if self.top_k:
             k = min(self.top_k, scores.shape[-1])
-            scores = scores.masked_fill(scores < torch.topk(scores, k)[0][..., -1, None], float("-inf"))
+            kth = np.partition(scores, -k, axis=-1)[..., -k, None]
+            scores = np.where(scores < kth, np.float32(-np.inf), scores)
         if self.top_p < 1.0:
-            ordered, order = torch.sort(scores, descending=False)
-            remove = ordered.softmax(dim=-1).cumsum(dim=-1) <= (1 - self.top_p)
-            remove[..., -1:] = False  # the most likely token always stays
-            scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+            flat = scores.reshape(-1, scores.shape[-1])
+            removed = np.ones(flat.shape, dtype=bool)
+            for row, keep in zip(flat, removed):
+                keep[_nucleus(row, self.top_p)] = False
+            scores = np.where(removed.reshape(scores.shape), np.float32(-np.inf), scores)
         return scores
+
+
+def _nucleus(scores: np.ndarray, top_p: float) -> np.ndarray:
+    """The indices top-p keeps: a token goes when the probability of it and every less likely token is
+    at most 1 - top_p (transformers' rule); the most likely token always stays. Only the few hundred most
+    likely tokens are sorted (a whole-vocabulary sort cost 2-5 ms a token); their sums in float64."""
+    e = np.exp(scores - scores.max())
+    z = e.sum(dtype=np.float64)
+    n = len(scores)
+    k = min(n, 256)
+    while True:
+        top = np.argpartition(-scores, k - 1)[:k] if k < n else np.arange(n)
+        top = top[np.argsort(-scores[top], kind="stable")]  # most likely first; ties in index order
+        p = e[top] / z
+        above = np.cumsum(p) - p  # the probability of the tokens ranked above each
+        keep = 1 - above > 1 - top_p
+        keep[0] = True
+        if not keep.all() or k == n:  # the nucleus ends inside the k most likely tokens
+            return top[keep]
+        k = n  # a flat distribution: sort them all
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def draw(scores: np.ndarray, rng: np.random.Generator) -> int:
+    """One index of the 1-D `scores`, with probability softmax(scores) (a -inf score is never drawn):
+    the inverse of the cumulative distribution at one uniform draw of `rng`, over the finite scores."""
+    index = np.flatnonzero(scores > -np.inf)
+    p = np.exp(scores[index].astype(np.float64) - scores[index].max())
+    cdf = np.cumsum(p)
+    i = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(p) - 1)
+    while p[i] == 0:  # only when the draw rounded up to the very end: the last possible token
+        i -= 1
+    return int(index[i])

@@ -378,6 +378,56 @@ def test_loader_loads_the_model_not_the_tools(ui):
     assert Lazy.built == 0
 
 
+def test_loader_warms_the_media_parts_after_a_waiting_first_reply(ui):
+    """Once the model is up the loader loads what text replies do not need (`model.warm()`: torch and the
+    projectors on the llama.cpp backend), but not beside a reply that was already waiting for the model:
+    that one runs alone, and the warm-up follows it. With no message waiting it starts at once."""
+    import threading
+    import time
+
+    from bots.chat import _Loader
+
+    events, gate = [], threading.Event()
+
+    class Model:
+        def warm(self):
+            events.append("warm")
+
+    class Slow:
+        tools = {}
+
+        @property
+        def model(self):
+            gate.wait(10)
+            return Model()
+
+    ui.loader = _Loader(Slow())
+
+    def reply():
+        assert ui.ensure_model()
+        events.append("reply")
+        time.sleep(0.3)  # the reply's decode: the loader must not start beside it
+        events.append("reply done")
+        ui.turn_done()
+
+    waiting = threading.Thread(target=reply)
+    waiting.start()
+    time.sleep(0.1)  # the message is waiting for the model
+    gate.set()
+    waiting.join(10)
+    deadline = time.monotonic() + 10
+    while "warm" not in events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert events == ["reply", "reply done", "warm"]
+
+    events.clear()
+    ui.loader = _Loader(Slow())  # no message waiting: the warm-up starts as soon as the model is up
+    deadline = time.monotonic() + 10
+    while "warm" not in events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert events == ["warm"]
+
+
 def test_export_command(ui, tmp_path):
     pytest.importorskip("bots.export")
     ui.handle("/export")

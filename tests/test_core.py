@@ -1,5 +1,6 @@
 """The NExT-GPT core on the tiny profile: tokens, templates, generation with signal tokens, projection."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -217,9 +218,11 @@ def test_growing_kv_cache_matches_transformers_dynamic_cache(tiny_model):
 @given(st.integers(0, 2**31 - 1), st.sampled_from([0.3, 0.7, 1.0, 1.5]), st.sampled_from([0, 1, 5, 50, 500]),
        st.sampled_from([1.0, 0.9, 0.5, 0.01]), st.sampled_from([1.0, 4.0, 30.0]))  # fmt: skip
 def test_warpers_equal_transformers_logits_warpers(seed, temperature, top_k, top_p, spread):
-    """Sampling warps logits without importing transformers (a chat start on llama.cpp never needs
-    it): temperature, top-k and top-p give exactly transformers' scores, removed tokens included,
-    on random logits of several spreads (a flat distribution, a peaked one, ties from rounding)."""
+    """Sampling warps logits on numpy, without importing transformers or torch (a chat start on llama.cpp
+    needs neither for its first words): temperature, top-k and top-p give transformers' scores, removed
+    tokens included, on random logits of several spreads (a flat distribution, a peaked one, ties from
+    rounding). Where tied scores straddle the nucleus's edge, which of them stay is arbitrary (torch's sort
+    orders ties its own way, ours keeps their index order): the two may differ there and nowhere else."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     from nextgpt.sampling import Warpers
@@ -232,9 +235,47 @@ def test_warpers_equal_transformers_logits_warpers(seed, temperature, top_k, top
     if top_p < 1.0:
         theirs.append(TopPLogitsWarper(top_p))
     expected = theirs(torch.zeros(1, 1, dtype=torch.long), logits.clone())
-    got = Warpers(temperature, top_k, top_p)(logits.clone())
-    assert torch.equal(torch.isinf(got), torch.isinf(expected))
-    assert torch.allclose(got[~torch.isinf(got)], expected[~torch.isinf(expected)])
+    got = torch.from_numpy(Warpers(temperature, top_k, top_p)(logits.numpy()))
+    kept, kept_theirs = ~torch.isinf(got), ~torch.isinf(expected)
+    differ = kept != kept_theirs
+    edge = expected[kept_theirs].min()  # the lowest score transformers keeps
+    assert torch.equal(got[kept & kept_theirs], expected[kept & kept_theirs])
+    if differ.any():  # only tied scores at the edge, and as many kept by each
+        before_top_p = logits.clone()
+        for warper in list(theirs)[:-1]:
+            before_top_p = warper(None, before_top_p)
+        assert top_p < 1.0 and torch.all(before_top_p[differ] == edge)
+        assert kept.sum() == kept_theirs.sum()
+
+
+def test_warpers_equal_transformers_on_untied_logits():
+    """Without ties, the kept set and the scores are transformers' exactly."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from nextgpt.sampling import Warpers
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        logits = torch.randn(1, 2000, generator=g) * 3
+        expected = TopPLogitsWarper(0.9)(None, TopKLogitsWarper(50)(None, TemperatureLogitsWarper(0.7)(None, logits.clone())))
+        got = torch.from_numpy(Warpers(0.7, 50, 0.9)(logits.numpy()))
+        assert torch.equal(torch.isinf(got), torch.isinf(expected))
+        assert torch.equal(got[~torch.isinf(got)], expected[~torch.isinf(expected)])
+
+
+def test_draw_follows_the_distribution_and_never_draws_a_removed_token():
+    """`draw`: a seed gives the same token again; over many draws each token comes up at its softmax
+    probability (within 4 standard errors) and a -inf score never."""
+    from nextgpt.sampling import draw, softmax
+
+    scores = np.array([2.0, -np.inf, 1.0, 0.0, -np.inf, 1.5], dtype=np.float32)
+    assert draw(scores, np.random.default_rng(5)) == draw(scores, np.random.default_rng(5))
+    rng = np.random.default_rng(0)
+    n = 20000
+    counts = np.bincount([draw(scores, rng) for _ in range(n)], minlength=len(scores))
+    p = softmax(np.where(np.isinf(scores), -1e30, scores).astype(np.float64))
+    assert counts[1] == counts[4] == 0
+    assert np.all(np.abs(counts / n - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-12)
 
 
 def test_cached_turns_give_the_full_prefill_logits_through_a_conversation(tiny_model, media_files):

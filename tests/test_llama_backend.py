@@ -249,7 +249,7 @@ def test_next_token_logits_and_states_match_transformers(tiny_gguf_models):
     ctx = fast.context
     ctx.use(1)
     ctx.keep(0)
-    rows = fast.build_inputs(_messages())[0][0].numpy()
+    rows = fast.build_inputs(_messages())[0][0]  # numpy: the llama.cpp backend's prompt needs no torch
     ctx.prefill(rows[:-1], keys[:-1])
     logits, hidden = ctx.step(rows[-1], keys[-1])
     logits = fast._exact_new_logits(logits, hidden)
@@ -367,30 +367,42 @@ def test_uncached_call_keeps_the_cached_conversation(tiny_gguf_models):
 
 
 
-def test_a_prepared_model_loads_and_samples_without_importing_transformers(tiny_gguf_models, tmp_path):
-    """A chat start on this backend never imports transformers (≈ 1 s of every start): in a fresh
-    process, the prepared model loads, samples a reply (temperature and top-p on: the warpers) with a
-    forced image group and projects it, with no `transformers` module imported."""
+def test_a_prepared_model_replies_in_words_without_torch_then_loads_it_for_media(tiny_gguf_models, tmp_path):
+    """A chat start on this backend imports neither transformers (≈ 1 s) nor torch (≈ 2-3 s) before its
+    first words: in a fresh process the prepared model loads and samples a text reply (temperature and
+    top-p on: the warpers) with no torch imported; a reply with an image group then loads torch and the
+    projectors on demand, and its projected signal is the one the model loaded in this process (the same
+    seed, so the same numpy draws) computes."""
     import subprocess
     import sys
 
-    _, _, profile, cache = tiny_gguf_models
+    from nextgpt.model import Message
+
+    _, fast, profile, cache = tiny_gguf_models
     (tmp_path / "profile.json").write_text(profile.model_dump_json())
     script = f"""
-import sys
+import json, sys
 from pathlib import Path
 from nextgpt.config import Profile
-from nextgpt.model import Message, NextGPT
+from nextgpt.loop import load_model
+from nextgpt.messages import Message
 profile = Profile.model_validate_json(Path({str(tmp_path / "profile.json")!r}).read_text())
-model = NextGPT.from_profile(profile, Path({str(cache)!r}))
+model = load_model(profile, Path({str(cache)!r}), n_threads=1)
+words = model.generate([Message("user", "hello there")], seed=3, temperature=0.7, top_p=0.9, max_new_tokens=6, allow_media=False)
+before = [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
 reply = model.generate([Message("user", "draw a red circle")], seed=1, temperature=0.7, top_p=0.9, max_new_tokens=6, want=["image"])
-assert [s.modality for s in reply.signals] == ["image"], reply
-print(type(model).__name__, sorted(m for m in sys.modules if m.split(".")[0] == "transformers"))
+print(json.dumps({{"type": type(model).__name__, "before": before, "words": words.token_ids, "ids": reply.token_ids,
+                  "image": reply.signals[0].prompt_embeds.flatten().tolist(), "torch": "torch" in sys.modules,
+                  "transformers": sorted(m for m in sys.modules if m.split(".")[0] == "transformers")}}))
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "NEXTGPT_THREADS": "1"})  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "LlamaCppNextGPT []", out.stdout
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["type"] == "LlamaCppNextGPT" and got["before"] == [] and len(got["words"]) > 0
+    assert got["torch"] and got["transformers"] == []  # torch came with the image group; transformers never
+    here = fast.generate([Message("user", "draw a red circle")], seed=1, temperature=0.7, top_p=0.9, max_new_tokens=6, want=["image"])
+    assert got["ids"] == here.token_ids
+    assert torch.allclose(torch.tensor(got["image"]), here.signals[0].prompt_embeds.flatten(), atol=1e-5)
 
 
 def test_chunked_feeding_matches_one_batch(tiny_gguf_models):
@@ -400,7 +412,7 @@ def test_chunked_feeding_matches_one_batch(tiny_gguf_models):
 
     _, fast, fast_profile, cache = tiny_gguf_models
     rows, keys = fast.build_inputs(_messages())
-    rows = rows[0].numpy()
+    rows = rows[0]
     assert len(rows) > 8
     small = LlamaContext(prepare(fast_profile, cache) / MODEL_FILE, n_threads=1, n_batch=4)
     whole = fast.context
@@ -443,7 +455,7 @@ def test_a_signal_group_fed_in_one_pass_equals_token_by_token(tiny_gguf_models, 
         else:
             fed = [model._feed(run, [t]) for t in group]
             logits, states = fed[-1][0], [s for _, (s,) in fed]
-        runs.append((logits, torch.stack(states)))
+        runs.append((torch.as_tensor(logits), torch.stack([torch.as_tensor(s) for s in states])))
     (la, sa), (lb, sb) = runs
     assert sa.shape[0] == sb.shape[0] == len(group)
     # batch kernels round differently from one-row ones (~1e-3): near, not equal; a state read at the wrong

@@ -98,9 +98,9 @@ class Engine:
 
     # ------------------------------------------------------------------ worker thread only
     def warmup(self) -> None:
-        """Load the model (and build the decoder tools) before the first user asks."""
+        """Load the model with its media parts (and build the decoder tools) before the first user asks."""
         self._check_thread()
-        self.assistant.model
+        self.assistant.model.warm()
         self.assistant.tools
 
     def batchable(self, modality: str) -> bool:
