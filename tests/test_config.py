@@ -1,5 +1,7 @@
 """config.yaml validation: every bad key or value is an error that names it."""
 
+import sys
+
 import pytest
 import yaml
 
@@ -89,6 +91,41 @@ def test_llm_backend_auto_picks_llama_cpp_only_where_it_can_run(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
     assert small.model_copy(update={"device": "cpu"}).resolved_backend() == "transformers"
     assert "not installed" in small.model_copy(update={"device": "cpu"}).backend_choice()[1]  # doctor's reason
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="on macOS auto asks torch about MPS")
+@pytest.mark.parametrize("gpu_library", [None, "libtorch_cuda.so", "libtorch_hip.so"])
+def test_llm_backend_auto_asks_torch_only_when_its_build_can_see_a_gpu(tmp_path, gpu_library):
+    """`auto` on a CPU-only torch build decides without importing torch (2-3 s of a chat start): in a fresh
+    process whose `torch` is a package that fails when imported, auto picks llama.cpp (where installed) from
+    the build's libraries alone; a build with a CUDA or ROCm library is imported and asked."""
+    import importlib.util
+    import subprocess
+
+    fake = tmp_path / "site" / "torch"
+    (fake / "lib").mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch was imported')\n")
+    (fake / "lib" / "libtorch_cpu.so").write_text("")
+    if gpu_library:
+        (fake / "lib" / gpu_library).write_text("")
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(tmp_path / 'site')!r})\n"
+        "from nextgpt.config import REPO_CONFIG, load_settings\n"
+        "llm = load_settings(REPO_CONFIG).profile('small').llm\n"
+        "try:\n"
+        "    print(llm.resolved_backend())\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    installed = importlib.util.find_spec("llama_cpp") is not None
+    if gpu_library:
+        expected = "torch was imported" if installed else "transformers"  # asked (or no llama.cpp to choose)
+    else:
+        expected = "llama_cpp" if installed else "transformers"
+    assert out.stdout.strip() == expected
 
 
 def test_llm_backend_is_validated(tmp_path):
