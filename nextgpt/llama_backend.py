@@ -12,10 +12,13 @@
                 hidden state + the token's fp32 input embedding ──► output projector (as transformers)
 
 The reference stays the transformers path: the merged LLM is loaded there once to build the GGUF (so
-the new rows, untying and LoRA merge are exactly what that path does). `NextGPT.generate`'s one loop
-(forced signal groups, `want`, stop strings, the repetition guard, seeds, streaming, projection) runs
-on this backend too: this module supplies its LLM steps (`_prefill`, `_feed`, `_cut`, `_full`,
-`_finish`) on llama.cpp, with prefix reuse of llama.cpp's own KV cache.
+the new rows, untying and LoRA merge are exactly what that path does). The one generation loop,
+`SignalLoop.generate` (nextgpt/loop.py: forced signal groups, `want`, stop strings, the repetition guard,
+seeds, streaming, projection), runs on this backend too: this module supplies its LLM steps (`_prefill`,
+`_feed`, `_cut`, `_full`, `_finish`) on llama.cpp, with prefix reuse of llama.cpp's own KV cache.
+
+No torch for words: the prompt's token rows, the logits and the sampling are numpy; torch, ImageBind and
+the projectors load on the first media input or signal group, or on `warm()`.
 
 Faithfulness: every position is fed as an fp32 embedding (a token's row of our own matrix, as the
 transformers path feeds `inputs_embeds`), so the new tokens' input rows are never quantised; the 38

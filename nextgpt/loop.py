@@ -48,7 +48,7 @@ class Signal:
 
 @dataclass
 class Run:
-    """One reply's LLM state inside `NextGPT.generate`: how many prompt positions came from the cache,
+    """One reply's LLM state inside `SignalLoop.generate`: how many prompt positions came from the cache,
     and the backend's handle (the transformers key/value cache; llama.cpp keeps its own)."""
 
     reused: int
