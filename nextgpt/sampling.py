@@ -3,8 +3,9 @@ a chat start reaches its first reply text before torch, ~2-3 s of import, has lo
 
 `Warpers`: temperature, top-k and top-p (nucleus) warping of next-token logits, transformers'
 `TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper` (min_tokens_to_keep=1), in that
-order, with the same rule (tests/test_core.py checks the results equal transformers' on random logits). `draw`: one token from the warped scores with a seeded numpy generator, the same on every
-backend and device (the logits are read back to the CPU)."""
+order, with the same rule (tests/test_core.py checks the results equal transformers' on random logits).
+`draw`: one token from the warped scores with a seeded numpy generator, the same on every backend and
+device (the logits are read back to the CPU)."""
 
 from __future__ import annotations
 
@@ -63,12 +64,12 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def draw(scores: np.ndarray, rng: np.random.Generator) -> int:
-    """One index of the 1-D `scores`, with probability softmax(scores) (a -inf score is never drawn):
-    the inverse of the cumulative distribution at one uniform draw of `rng`, over the finite scores."""
+    """One index of the 1-D `scores`, with probability softmax(scores) (a -inf score is never drawn): the
+    exponential race torch.multinomial runs too, argmax(p / q) with q ~ Exp(1) drawn for every token of
+    the vocabulary each step. The stream of draws stays aligned however many tokens warping kept, and a
+    slightly different logit (llama.cpp's F16 layers vs fp32) flips the token only when two candidates'
+    ratios nearly tie (an inverse-CDF draw flipped it whenever the cumulative sum before it moved past the
+    uniform: 148 of 160 eval conversations had the same words on both backends; see docs/performance.md)."""
+    q = rng.standard_exponential(scores.shape[-1])
     index = np.flatnonzero(scores > -np.inf)
-    p = np.exp(scores[index].astype(np.float64) - scores[index].max())
-    cdf = np.cumsum(p)
-    i = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(p) - 1)
-    while p[i] == 0:  # only when the draw rounded up to the very end: the last possible token
-        i -= 1
-    return int(index[i])
+    return int(index[np.argmax(scores[index] - np.log(q[index]))])
