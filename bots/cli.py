@@ -61,12 +61,13 @@ def cmd_ask(args) -> int:
     # before torch (nextgpt.media) imports tqdm, which reads TQDM_DISABLE once
     quiet_logging(settings.data_path)  # stdout is the answer, stderr our own errors and warnings
     from nextgpt.limits import MAX_ATTACHMENTS
-    from nextgpt.media import AttachmentError, validate_attachment
 
     if len(args.attach) > MAX_ATTACHMENTS:  # counted before any file is read
         raise UserError(f"too many attachments ({len(args.attach)}, limit max_attachments = {MAX_ATTACHMENTS})")
     attachments = []
     for f in args.attach:  # every attachment is checked before the model is loaded
+        from nextgpt.media import AttachmentError, validate_attachment  # torch: only with attachments
+
         try:
             attachments.append((validate_attachment(f), Path(f)))
         except AttachmentError as e:
