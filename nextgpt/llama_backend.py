@@ -574,11 +574,6 @@ class LlamaCppNextGPT(SignalLoop):
         logits = self._exact_new_logits(self.context.last_logits(), hiddens[-1])
         return logits, list(hiddens + rows)
 
-    def _states(self, run: Run, tokens: list[int]) -> list[np.ndarray]:
-        self._check_room(len(tokens))
-        rows = self.embed_rows[tokens]
-        return list(self.context.states(rows, tokens) + rows)
-
     def _cut(self, run: Run, length: int) -> None:
         self.context.keep(length)
 

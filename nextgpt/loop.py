@@ -415,7 +415,7 @@ class SignalLoop:
 
     def _states(self, run: "Run", tokens: list[int]) -> list:
         """Feed `tokens` in one pass: the signal state (last hidden state + input embedding) at each."""
-        raise NotImplementedError
+        return self._feed(run, tokens)[1]
 
     def _cut(self, run: "Run", length: int) -> None:
         """Keep the first `length` positions (prompt + reply tokens) of what was fed."""

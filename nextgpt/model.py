@@ -194,11 +194,6 @@ class NextGPT(nn.Module, SignalLoop):
         out = self(torch.tensor([tokens], device=self.device), past_key_values=run.kv, use_cache=True, all_states=True)
         return _logits(out), list(out.all_states[0])
 
-    def _states(self, run: "Run", tokens: list[int]) -> list[torch.Tensor]:
-        """Feed `tokens` in one pass: the signal state (last hidden state + input embedding) at each."""
-        out = self(torch.tensor([tokens], device=self.device), past_key_values=run.kv, use_cache=True, all_states=True)
-        return list(out.all_states[0])
-
     def _cut(self, run: "Run", length: int) -> None:
         """Keep the first `length` positions (prompt + reply tokens) of what was fed."""
         from nextgpt.kv_cache import crop_to

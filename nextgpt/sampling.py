@@ -58,11 +58,6 @@ def _nucleus(scores: np.ndarray, top_p: float) -> np.ndarray:
         k = n  # a flat distribution: sort them all
 
 
-def softmax(scores: np.ndarray) -> np.ndarray:
-    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def draw(scores: np.ndarray, rng: np.random.Generator) -> int:
     """One index of the 1-D `scores`, with probability softmax(scores) (a -inf score is never drawn): the
     exponential race torch.multinomial runs too, argmax(p / q) with q ~ Exp(1) drawn for every token of
