@@ -178,6 +178,18 @@ class Assistant:
                 self._tools = build_tools(self.profile.decoders, self.settings.cache_path, self.output_dir)
         return self._tools
 
+    def warm(self, stop=None) -> None:
+        """Ready everything a run of turns uses, before the first one asks: the model's media parts
+        (`model.warm()`), then each decoder tool (`DecoderTool.warm`: its pipeline, and with `trace` on a CPU
+        its traced UNet). The long-running front ends call it once, in the background; `nextgpt ask` does not.
+        `stop` (a threading.Event): checked before each part, so a chat that ends waits for one part at most."""
+        self.model.warm()
+        for modality, tool in self.tools.items():
+            if stop is not None and stop.is_set():
+                return
+            projector = self.profile.projectors.get(modality)
+            tool.warm(projector.num_queries if projector is not None else None)
+
     # ------------------------------------------------------------------ the turn API
     def generate(
         self,

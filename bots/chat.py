@@ -128,11 +128,11 @@ def _quiet_progress_bars(assistant) -> None:
 
 class _Loader:
     """Loads the model in a background thread; `done` is set once it can reply. On the llama.cpp backend
-    that is before torch is imported: its media parts (torch, ImageBind, the projectors) then load on the
-    same thread (`model.warm()`), while the user types or beside the first reply's words. The decoder tools
-    (diffusers' import, the pipelines) are built on first render, so they do not compete with the first
-    reply's decode for the CPU (measured: a first reply's text came 0.5 s later while diffusers imported
-    beside it)."""
+    that is before torch is imported. What replies need later loads on the same thread once no reply is
+    under way (`Assistant.warm()`): the model's media parts (torch, ImageBind, the projectors), then the
+    decoder tools (diffusers' import, the pipelines, their traced UNets). A first message sent before the
+    model was up is answered first, alone on the CPU (measured: a first reply's text came 0.5 s later
+    while diffusers imported beside it); a render that comes while its tool warms waits for it."""
 
     def __init__(self, assistant, on_done=None):
         self.assistant = assistant
@@ -141,12 +141,24 @@ class _Loader:
         self.done = threading.Event()
         self.idle = threading.Event()  # cleared while a reply waits for the model or runs (ChatUI)
         self.idle.set()
+        self.stopping = threading.Event()  # set by close(): no further warm-up part starts
+        self.thread: threading.Thread | None = None
         self.start()
 
     def start(self) -> None:
         self.error = None
         self.done.clear()
-        threading.Thread(target=self._load, name="nextgpt-model-loader", daemon=True).start()
+        self.thread = threading.Thread(target=self._load, name="nextgpt-model-loader", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        """At the chat's end: let a warm-up part under way finish (torch code cut off by the interpreter's exit
+        aborted the process: "terminate called without an active exception") and start no other. A model
+        still loading is not waited for."""
+        self.stopping.set()
+        self.idle.set()
+        if self.done.is_set() and self.thread is not None:
+            self.thread.join()
 
     def _load(self) -> None:
         try:
@@ -164,14 +176,13 @@ class _Loader:
                 except Exception:  # pragma: no cover - a redraw is best effort
                     pass
         if model is not None:
-            # what a text reply does not need (llama.cpp backend: torch, ImageBind, the projectors), once no
-            # reply is under way: a first message sent before the model was up is answered first, alone on
-            # the CPU; one typed while these load runs beside them
+            # what a text reply does not need, once no reply is under way: a first message sent before the
+            # model was up is answered first, alone on the CPU; one typed while these load runs beside them
             self.idle.wait()
             try:
-                model.warm()
-            except Exception:  # a media input or signal group that needs them reports the error then
-                log.warning("loading the media parts failed", exc_info=True)
+                self.assistant.warm(stop=self.stopping)
+            except Exception:  # a media input, signal group or render that needs them reports the error then
+                log.warning("loading the media parts or the decoder tools failed", exc_info=True)
 
 
 # ------------------------------------------------------------------------------------ one reply
@@ -896,4 +907,5 @@ def run(settings, *, profile: str | None = None, session_id: str | None = None, 
         ui.reader = reader
         return ui.loop(reader)
     finally:
+        loader.close()
         memory.close()

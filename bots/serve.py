@@ -306,7 +306,7 @@ class Backend:
     def start(self, warmup: bool = True) -> None:
         self.worker.start()
         if warmup:  # load the model, its media parts and the tools before the first request (it waits in the queue meanwhile)
-            self.queue.submit("system", lambda job: (self.assistant.model.warm(), self.assistant.tools), exempt=True)
+            self.queue.submit("system", lambda job: self.assistant.warm(), exempt=True)
 
     def stop(self) -> None:
         self.queue.close()

@@ -129,6 +129,10 @@ class DecoderConfig(_Strict):
     onednn: bool = Field(
         True, description="on a CPU, run the pipeline's convolutions through oneDNN (PyTorch's default); false: PyTorch's "
         "native kernels, faster for tiny latents (the small image decoder's 16x16: 564 vs 695 ms a picture on 2 cores)")
+    trace: bool = Field(
+        False, description="on a CPU, once a long-running front end (chat, serve, Discord) has warmed the tool, run "
+        "the UNet as TorchScript graphs traced per input shape (tools.base._TracedUNet): the same numbers without "
+        "PyTorch's per-module Python, which dominates tiny UNets; ~1 s to trace at warm-up")
     safety_checker: bool = Field(
         True, description="run the pipeline's safety checker where it ships one (Stable Diffusion): a flagged image is "
         "withheld and the reply says so; pipelines without one (video, audio, tiny, small) need nothing")

@@ -76,3 +76,25 @@ def test_decoder_outputs_are_named_by_content(tiny_assistant):
     image = _by_modality(reply, "image")[0]
     assert image.path.stem == hashlib.sha256(image.path.read_bytes()).hexdigest()
     assert np.asarray(Image.open(image.path)).shape[-1] == 3
+
+
+def test_warm_readies_the_model_and_every_decoder_and_traces_at_the_projectors_width(settings, tiny_model, tiny_assistant, tmp_path):
+    """`Assistant.warm()` (what chat, serve and Discord call once): the model's media parts and every decoder
+    tool loaded; with `trace`, each UNet traced for the configured size at the projector's query count, so
+    the first reply's renders use those graphs (no new signature) and equal an unwarmed assistant's bytes."""
+    from assistant.agent import Assistant
+    from tools.base import _TracedUNet
+
+    traced = settings.model_copy(deep=True)
+    for cfg in traced.profiles["tiny"].decoders.values():
+        cfg.trace = True
+    a = Assistant(traced, "tiny", output_dir=tmp_path)
+    a._model = tiny_model
+    a.warm()
+    assert all(tool.loaded for tool in a.tools.values())
+    unets = {m: tool.pipeline.unet.forward for m, tool in a.tools.items()}
+    assert all(isinstance(f, _TracedUNet) and len(f.graphs) == 1 for f in unets.values())
+    reply = a.respond([Message("user", "show me everything")], want=["image", "video", "audio"], seed=0)
+    assert all(len(f.graphs) == 1 for f in unets.values())  # the warm-up's signatures served the turn
+    plain = tiny_assistant.respond([Message("user", "show me everything")], want=["image", "video", "audio"], seed=0)
+    assert [m.sha256 for m in reply.media] == [m.sha256 for m in plain.media] and len(reply.media) == 3

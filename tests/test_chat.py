@@ -379,9 +379,9 @@ def test_loader_loads_the_model_not_the_tools(ui):
 
 
 def test_loader_warms_the_media_parts_after_a_waiting_first_reply(ui):
-    """Once the model is up the loader loads what text replies do not need (`model.warm()`: torch and the
-    projectors on the llama.cpp backend), but not beside a reply that was already waiting for the model:
-    that one runs alone, and the warm-up follows it. With no message waiting it starts at once."""
+    """Once the model is up the loader loads what text replies do not need (`Assistant.warm()`: torch and the
+    projectors on the llama.cpp backend, the decoder tools), but not beside a reply that was already waiting
+    for the model: that one runs alone, and the warm-up follows it. With no message waiting it starts at once."""
     import threading
     import time
 
@@ -389,17 +389,14 @@ def test_loader_warms_the_media_parts_after_a_waiting_first_reply(ui):
 
     events, gate = [], threading.Event()
 
-    class Model:
-        def warm(self):
-            events.append("warm")
-
     class Slow:
-        tools = {}
-
         @property
         def model(self):
             gate.wait(10)
-            return Model()
+            return object()
+
+        def warm(self, stop=None):
+            events.append("warm")
 
     ui.loader = _Loader(Slow())
 
@@ -426,6 +423,35 @@ def test_loader_warms_the_media_parts_after_a_waiting_first_reply(ui):
     while "warm" not in events and time.monotonic() < deadline:
         time.sleep(0.01)
     assert events == ["warm"]
+
+
+def test_loader_close_lets_the_warm_part_under_way_finish_and_starts_no_other():
+    """Leaving the chat while the loader warms: close() waits for the part under way (torch code cut off by
+    the interpreter's exit aborted the process) and no later part starts."""
+    import time
+
+    from bots.chat import _Loader
+
+    parts = []
+
+    class Assistant:
+        model = object()
+
+        def warm(self, stop=None):
+            for i in range(3):
+                if stop.is_set():
+                    return
+                parts.append(f"start {i}")
+                time.sleep(0.3)
+                parts.append(f"end {i}")
+
+    loader = _Loader(Assistant())
+    deadline = time.monotonic() + 10
+    while not parts and time.monotonic() < deadline:
+        time.sleep(0.01)
+    loader.close()
+    assert parts == ["start 0", "end 0"]
+    assert not loader.thread.is_alive()
 
 
 def test_export_command(ui, tmp_path):

@@ -255,6 +255,80 @@ def test_onednn_off_runs_native_convolutions_for_the_call_alone(decoders, dirs, 
     assert torch.backends.mkldnn.enabled
 
 
+@pytest.mark.parametrize("name", ["image", "video", "audio"])
+def test_warm_with_trace_renders_the_same_files_from_traced_graphs(decoders, dirs, tools, name):
+    """`trace: true` + `warm()`: the UNet runs as a TorchScript graph per input signature, traced at warm-up
+    for the configured size, and renders byte-identical files to the eager tool (another seed, a batch of
+    two, other steps too); the graph is used, not bypassed; a new shape gets its own graph."""
+    from tools.base import _TracedUNet
+
+    def files():
+        return set(dirs[1].iterdir()) if dirs[1].exists() else set()
+
+    tool = TOOLS[name](decoders[name].model_copy(update={"trace": True}), *dirs)
+    before = files()
+    tool.warm(SHAPES[name][1])
+    traced = tool.pipeline.unet.forward
+    assert isinstance(traced, _TracedUNet)
+    assert len(traced.graphs) == 1 and all(g is not None for g in traced.graphs.values())
+    tool.warm(SHAPES[name][1])  # a second warm-up is a no-op
+    assert files() == before  # warming writes nothing
+
+    calls = []
+    graph, output = next(iter(traced.graphs.values()))
+
+    class Counting:
+        def __call__(self, *inputs):
+            calls.append(1)
+            return graph(*inputs)
+
+    traced.graphs = {k: (Counting(), output) for k in traced.graphs}
+    for kwargs in ({"seed": 0}, {"seed": 7, "steps": 3}):
+        (a,) = tool(embeds(name), **kwargs)
+        (b,) = tools[name](embeds(name), **kwargs)
+        assert a.sha256 == b.sha256
+    assert len(calls) >= 2 + 3
+    two = tool(embeds(name, batch=2, seed=1), seed=[1, 2])
+    assert [o.sha256 for o in two] == [o.sha256 for o in tools[name](embeds(name, batch=2, seed=1), seed=[1, 2])]
+    assert len(traced.graphs) == 2  # the batch of two: a signature of its own
+
+
+def test_traced_unet_runs_eager_where_a_graph_cannot_serve(decoders, dirs):
+    """Gradients on, a non-tensor keyword, a trace that fails, more signatures than its limit: the eager
+    forward answers (same numbers), and remove() puts the class's forward back."""
+    from tools.base import _TracedUNet
+
+    tool = ImageTool(decoders["image"].model_copy(update={"trace": True}), *dirs)
+    unet = tool.load().unet
+    x, t, c = torch.randn(2, 4, 4, 4), torch.tensor(10), torch.randn(2, 8, 32)
+    with torch.inference_mode():
+        want = type(unet).forward(unet, x, t, encoder_hidden_states=c).sample
+    traced = _TracedUNet(unet, limit=1)
+    try:
+        out = unet(x, t, encoder_hidden_states=c, return_dict=True).sample  # gradients on: eager
+        assert not traced.graphs and torch.equal(out.detach(), want)
+        with torch.inference_mode():
+            assert unet(x, 10, encoder_hidden_states=c).sample.equal(want) and not traced.graphs  # an int timestep
+            assert torch.equal(unet(x, t, encoder_hidden_states=c, return_dict=False)[0], want)
+            assert len(traced.graphs) == 1
+            y = torch.randn(2, 4, 8, 8)  # over the limit: eager, remembered as such
+            assert unet(y, t, encoder_hidden_states=c).sample.shape == y.shape
+            assert list(traced.graphs.values())[1] is None
+        traced.graphs.clear()
+        traced.limit = 8
+        real = torch.jit.trace
+        torch.jit.trace = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no tracing here"))
+        try:
+            with torch.inference_mode():
+                assert torch.equal(unet(x, t, encoder_hidden_states=c).sample, want)
+            assert list(traced.graphs.values()) == [None]
+        finally:
+            torch.jit.trace = real
+    finally:
+        traced.remove()
+    assert "forward" not in unet.__dict__
+
+
 def test_any_token_count_for_sequence_embeds(tools):
     # the negative embedding (77 tokens from the tokenizer) is cut / padded to the projector's Q
     for q in (1, 77, 90):
@@ -377,3 +451,32 @@ def test_tools_import_only_config_from_the_project():
 def test_decoder_tool_is_abstract_base():
     assert issubclass(ImageTool, DecoderTool)
     assert {c.modality for c in TOOLS.values()} == set(TOOLS)
+
+
+def test_tools_loading_at_once_in_threads_all_load(dirs):
+    """A chat's loader thread warms the tools while a reply may load one: three tools loading at once in a
+    fresh process (diffusers not yet imported) all load. Without the loading lock, diffusers' lazy modules
+    failed one or two of them each time ("module 'diffusers' has no attribute 'TextToVideoSDPipeline'")."""
+    import subprocess
+    import sys
+
+    script = f"""
+import threading
+from nextgpt.config import REPO_CONFIG, load_settings
+from tools import build_tools
+tools = build_tools(load_settings(REPO_CONFIG).profile("tiny").decoders, {str(dirs[0])!r}, {str(dirs[1])!r})
+start, errors = threading.Barrier(len(tools)), []
+def load(tool):
+    start.wait()
+    try:
+        tool.load()
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=load, args=(t,)) for t in tools.values()]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print("errors", errors, "loaded", sorted(m for m, t in tools.items() if t.loaded))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    assert "errors [] loaded ['audio', 'image', 'video']" in out.stdout, out.stdout + out.stderr[-2000:]

@@ -100,8 +100,7 @@ class Engine:
     def warmup(self) -> None:
         """Load the model with its media parts (and build the decoder tools) before the first user asks."""
         self._check_thread()
-        self.assistant.model.warm()
-        self.assistant.tools
+        self.assistant.warm()
 
     def batchable(self, modality: str) -> bool:
         self._check_thread()
