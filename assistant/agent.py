@@ -180,8 +180,8 @@ class Assistant:
 
     def warm(self, stop=None) -> None:
         """Ready everything a run of turns uses, before the first one asks: the model's media parts
-        (`model.warm()`), then each decoder tool (`DecoderTool.warm`: its pipeline, and with `trace` on a CPU
-        its traced UNet). The long-running front ends call it once, in the background; `nextgpt ask` does not.
+        (`model.warm()`), then each decoder tool with `trace` (`DecoderTool.warm`: its pipeline and, on a CPU,
+        its traced UNet; the others load on first use). The long-running front ends call it once, in the background; `nextgpt ask` does not.
         `stop` (a threading.Event): checked before each part, so a chat that ends waits for one part at most."""
         self.model.warm()
         for modality, tool in self.tools.items():

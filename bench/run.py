@@ -507,6 +507,9 @@ def main(argv=None) -> int:
     if "image" in only:
         table.add_row("2nd image request ÷ bare diffusers call", f"{r['image']['ratio_vs_bare']:.2f}", "≤ 1.1")
         table.add_row("official re-create-per-call ÷ ours", f"{r['image']['ratio_official_vs_ours']:.1f}", "")
+        i = r["image"]
+        table.add_row("image request, traced UNet ÷ eager (warmed tool)", f"{i['ratio_traced_vs_eager']:.2f}"
+                      + ("" if i["traced_same_bytes"] else " (other bytes!)"), f"trace once: {i['warm_trace_s']:.1f} s")
     if "decode" in only:
         d = r["decode"]
         table.add_row("decode tok/s ÷ llama.cpp", f"{d['ratio_vs_llama_cpp']:.2f}" if "ratio_vs_llama_cpp" in d else d.get("llama_cpp", ""), "≥ 0.8")

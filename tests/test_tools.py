@@ -480,3 +480,11 @@ print("errors", errors, "loaded", sorted(m for m, t in tools.items() if t.loaded
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
     assert "errors [] loaded ['audio', 'image', 'video']" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_warm_without_trace_loads_nothing(decoders, dirs):
+    """Only `trace` tools load at warm-up; the others (a 7B profile's GPU decoders) load on first use, as before."""
+    tool = ImageTool(decoders["image"], *dirs)
+    assert not decoders["image"].trace
+    tool.warm(8)
+    assert not tool.loaded

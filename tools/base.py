@@ -559,16 +559,20 @@ class DecoderTool:
                 self.to_cpu()
 
     def warm(self, queries: int | None = None) -> None:
-        """Ready the tool for a run of calls (the chat, `nextgpt serve` and the Discord bot call it once, in the
-        background): loads the pipeline and, with `trace` on a CPU, installs the traced UNet (`_TracedUNet`)
-        and renders one throwaway step at the configured size from `queries` zero tokens (the output
-        projector's count; ignored by decoders that take one vector) so the usual signature is traced before
-        the first request. Nothing is written. A one-off `nextgpt ask` never warms, so it never pays a trace."""
+        """Ready a `trace` tool for a run of calls (the chat, `nextgpt serve` and the Discord bot call it once,
+        in the background): loads the pipeline and, on a CPU, installs the traced UNet (`_TracedUNet`) and
+        renders one throwaway step at the configured size from `queries` zero tokens (the output projector's
+        count; ignored by decoders that take one vector), so the usual signature is traced before the first
+        request. Nothing is written. Without `trace` it does nothing: the pipeline loads on first use, as
+        before (a 7B profile's three decoders are not all put on the GPU at start). A one-off `nextgpt ask`
+        never warms, so it never pays a trace."""
         import torch
 
+        if not self.cfg.trace:
+            return
         with self._lock:
             pipe = self.load()
-            if not self.cfg.trace or self.device != "cpu" or isinstance(pipe.unet.__dict__.get("forward"), _TracedUNet):
+            if self.device != "cpu" or isinstance(pipe.unet.__dict__.get("forward"), _TracedUNet):
                 return
             _TracedUNet(pipe.unet)
             q, d = self.expected_embeds_shape
