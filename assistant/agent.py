@@ -181,8 +181,9 @@ class Assistant:
     def warm(self, stop=None) -> None:
         """Ready everything a run of turns uses, before the first one asks: the model's media parts
         (`model.warm()`), then each decoder tool with `trace` (`DecoderTool.warm`: its pipeline and, on a CPU,
-        its traced UNet; the others load on first use). The long-running front ends call it once, in the background; `nextgpt ask` does not.
-        `stop` (a threading.Event): checked before each part, so a chat that ends waits for one part at most."""
+        its traced UNet; the others load on first use). The long-running front ends call it once, in the
+        background; `nextgpt ask` does not. `stop` (a threading.Event) is checked before each part, so a chat
+        that ends waits for one part at most."""
         self.model.warm()
         for modality, tool in self.tools.items():
             if stop is not None and stop.is_set():

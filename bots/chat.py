@@ -130,9 +130,9 @@ class _Loader:
     """Loads the model in a background thread; `done` is set once it can reply. On the llama.cpp backend
     that is before torch is imported. What replies need later loads on the same thread once no reply is
     under way (`Assistant.warm()`): the model's media parts (torch, ImageBind, the projectors), then the
-    decoder tools set to `trace` (diffusers' import, the pipelines, their traced UNets). A first message sent before the
-    model was up is answered first, alone on the CPU (measured: a first reply's text came 0.5 s later
-    while diffusers imported beside it); a render that comes while its tool warms waits for it."""
+    decoder tools set to `trace` (diffusers' import, the pipelines, their traced UNets). A first message
+    sent before the model was up is answered first, alone on the CPU (measured: a first reply's text came
+    0.5 s later while diffusers imported beside it); a render that comes while its tool warms waits for it."""
 
     def __init__(self, assistant, on_done=None):
         self.assistant = assistant
