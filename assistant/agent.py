@@ -19,6 +19,7 @@ whoever generates: the model and the decoders are not safe for concurrent use.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import secrets
@@ -178,18 +179,20 @@ class Assistant:
                 self._tools = build_tools(self.profile.decoders, self.settings.cache_path, self.output_dir)
         return self._tools
 
-    def warm(self, stop=None) -> None:
+    def warm(self, pause: Callable[[], bool] | None = None) -> None:
         """Ready everything a run of turns uses, before the first one asks: the model's media parts
         (`model.warm()`), then each decoder tool with `trace` (`DecoderTool.warm`: its pipeline and, on a CPU,
         its traced UNet; the others load on first use). The long-running front ends call it once, in the
-        background; `nextgpt ask` does not. `stop` (a threading.Event) is checked before each part, so a chat
-        that ends waits for one part at most."""
-        self.model.warm()
+        background; `nextgpt ask` does not. `pause()`, when given, is called before each part and returns
+        False to stop: the chat's loader waits there while a reply runs, and stops when the chat ends."""
+        parts = [self.model.warm]
         for modality, tool in self.tools.items():
-            if stop is not None and stop.is_set():
-                return
             projector = self.profile.projectors.get(modality)
-            tool.warm(projector.num_queries if projector is not None else None)
+            parts.append(functools.partial(tool.warm, projector.num_queries if projector is not None else None))
+        for part in parts:
+            if pause is not None and not pause():
+                return
+            part()
 
     # ------------------------------------------------------------------ the turn API
     def generate(

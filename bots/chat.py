@@ -129,10 +129,11 @@ def _quiet_progress_bars(assistant) -> None:
 class _Loader:
     """Loads the model in a background thread; `done` is set once it can reply. On the llama.cpp backend
     that is before torch is imported. What replies need later loads on the same thread once no reply is
-    under way (`Assistant.warm()`): the model's media parts (torch, ImageBind, the projectors), then the
-    decoder tools set to `trace` (diffusers' import, the pipelines, their traced UNets). A first message
-    sent before the model was up is answered first, alone on the CPU (measured: a first reply's text came
-    0.5 s later while diffusers imported beside it); a render that comes while its tool warms waits for it."""
+    under way (`Assistant.warm()`, part by part): the model's media parts (torch, ImageBind, the
+    projectors), then each decoder tool set to `trace` (diffusers' import, the pipeline, its traced UNet).
+    A first message sent before the model was up is answered first, alone on the CPU (measured: a first
+    reply's text came 0.5 s later while diffusers imported beside it); a message sent during a part runs
+    beside that part only, the next part waits for the reply; a render whose tool is warming waits for it."""
 
     def __init__(self, assistant, on_done=None):
         self.assistant = assistant
@@ -160,6 +161,11 @@ class _Loader:
         if self.done.is_set() and self.thread is not None:
             self.thread.join()
 
+    def _pause(self) -> bool:
+        """Between warm-up parts: wait while a reply runs; False once the chat ends."""
+        self.idle.wait()
+        return not self.stopping.is_set()
+
     def _load(self) -> None:
         try:
             _quiet_progress_bars(self.assistant)
@@ -176,11 +182,11 @@ class _Loader:
                 except Exception:  # pragma: no cover - a redraw is best effort
                     pass
         if model is not None:
-            # what a text reply does not need, once no reply is under way: a first message sent before the
-            # model was up is answered first, alone on the CPU; one typed while these load runs beside them
-            self.idle.wait()
+            # what a text reply does not need, each part once no reply is under way: a first message sent
+            # before the model was up is answered first, alone on the CPU; one typed during a part runs beside
+            # that part only
             try:
-                self.assistant.warm(stop=self.stopping)
+                self.assistant.warm(pause=self._pause)
             except Exception:  # a media input, signal group or render that needs them reports the error then
                 log.warning("loading the media parts or the decoder tools failed", exc_info=True)
 

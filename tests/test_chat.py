@@ -395,7 +395,8 @@ def test_loader_warms_the_media_parts_after_a_waiting_first_reply(ui):
             gate.wait(10)
             return object()
 
-        def warm(self, stop=None):
+        def warm(self, pause=None):
+            assert pause()
             events.append("warm")
 
     ui.loader = _Loader(Slow())
@@ -425,9 +426,10 @@ def test_loader_warms_the_media_parts_after_a_waiting_first_reply(ui):
     assert events == ["warm"]
 
 
-def test_loader_close_lets_the_warm_part_under_way_finish_and_starts_no_other():
-    """Leaving the chat while the loader warms: close() waits for the part under way (torch code cut off by
-    the interpreter's exit aborted the process) and no later part starts."""
+def test_loader_warms_part_by_part_between_replies_and_close_starts_no_other_part(ui):
+    """A reply sent while the loader warms runs beside the part under way only: the next part waits for the
+    reply. Leaving the chat: close() waits for the part under way (torch code cut off by the interpreter's
+    exit aborted the process) and no later part starts."""
     import time
 
     from bots.chat import _Loader
@@ -437,20 +439,29 @@ def test_loader_close_lets_the_warm_part_under_way_finish_and_starts_no_other():
     class Assistant:
         model = object()
 
-        def warm(self, stop=None):
-            for i in range(3):
-                if stop.is_set():
+        def warm(self, pause=None):
+            for i in range(4):
+                if not pause():
                     return
                 parts.append(f"start {i}")
                 time.sleep(0.3)
                 parts.append(f"end {i}")
 
-    loader = _Loader(Assistant())
-    deadline = time.monotonic() + 10
-    while not parts and time.monotonic() < deadline:
-        time.sleep(0.01)
+    def wait_for(entry):
+        deadline = time.monotonic() + 10
+        while entry not in parts and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    ui.loader = loader = _Loader(Assistant())
+    wait_for("start 0")
+    assert ui.ensure_model()  # a reply starts during part 0
+    parts.append("reply")
+    time.sleep(0.6)  # longer than a part: part 1 must not start meanwhile
+    parts.append("reply done")
+    ui.turn_done()
+    wait_for("start 1")
     loader.close()
-    assert parts == ["start 0", "end 0"]
+    assert parts == ["start 0", "reply", "end 0", "reply done", "start 1", "end 1"]
     assert not loader.thread.is_alive()
 
 
