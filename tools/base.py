@@ -197,10 +197,7 @@ class _TracedUNet:
     def _trace(self, names: tuple[str, ...], nones: tuple[str, ...], inputs: tuple) -> tuple | None:
         import torch
 
-        tool = self
-
-        def keywords(tensors) -> dict:
-            return {**dict.fromkeys(nones), **dict(zip(names, tensors))}
+        tool, output = self, []  # the UNet's output class, seen by the one forward the trace runs
 
         class Forward(torch.nn.Module):
             def __init__(self):
@@ -208,13 +205,15 @@ class _TracedUNet:
                 self.unet = tool.unet  # a submodule, so the graph reads its parameters instead of copying them
 
             def forward(self, sample, timestep, *tensors):
-                return tool.eager(sample, timestep, return_dict=False, **keywords(tensors))[0]
+                out = tool.eager(sample, timestep, return_dict=True, **dict.fromkeys(nones), **dict(zip(names, tensors)))
+                output.append(type(out))
+                return out.sample
 
         try:
-            output = type(self.eager(*inputs[:2], return_dict=True, **keywords(inputs[2:])))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the deprecation notice and TracerWarnings about baked-in shapes
-                return torch.jit.trace(Forward().eval(), inputs, check_trace=False), output
+                graph = torch.jit.trace(Forward().eval(), inputs, check_trace=False)
+            return graph, output[0]
         except Exception:  # e.g. a torch without torch.jit, or an untraceable UNet: that signature runs eager
             log.debug("tracing the UNet failed; it runs eager", exc_info=True)
             return None
