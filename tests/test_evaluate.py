@@ -102,6 +102,20 @@ def test_evaluate_cli_json(monkeypatch, capsys, tmp_path, tiny_model):
     assert_summary_matches_cases(out, cases, n=1)
 
 
+def test_evaluate_cli_sampling_override(monkeypatch, capsys, tmp_path, tiny_model):
+    """--temperature / --top-p replace the profile's sampling for the run (0 = greedy); bad values are refused."""
+    import assistant.agent as agent
+    from training.evaluate import main
+
+    monkeypatch.setattr(agent.Assistant, "model", property(lambda self: tiny_model))
+    args = ["--profile", "tiny", "--n", "1", "--plain", "0", "--max-new-tokens", "3", "--json"]
+    assert main(args + ["--temperature", "0", "--top-p", "0.5", "--out", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["sampling"] == {"temperature": 0.0, "top_p": 0.5, "top_k": 0}
+    for bad in (["--temperature", "-1"], ["--top-p", "0"], ["--top-p", "1.5"]):
+        assert main(args + bad) == 2
+        assert "--temperature must be >= 0 and --top-p in (0, 1]" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_train_small_smoke(tmp_path, monkeypatch):
     """The whole recipe at toy size: data, stages 1-9, refit, publish + model card; then a re-run skips everything."""

@@ -581,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="who runs the LLM (default: the profile's llm.backend)")
     p.add_argument("--max-new-tokens", type=int, help="default: the profile's generation.max_new_tokens")
     p.add_argument("--steps", type=int, help="denoising steps (default: the profile's)")
+    p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default: the profile's generation.temperature)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling (default: the profile's generation.top_p)")
     p.add_argument("--out", help="keep inputs, generated media and cases.jsonl here")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of a table")
     p.add_argument("--dialogs", action="store_true",
@@ -610,6 +612,12 @@ def main(argv: list[str] | None = None) -> int:
         profile = profile.model_copy(update={"checkpoint": ckpt})
     if args.backend:
         profile = profile.model_copy(update={"llm": profile.llm.model_copy(update={"backend": args.backend})})
+    if (args.temperature is not None and args.temperature < 0) or (args.top_p is not None and not 0 < args.top_p <= 1):
+        print(f"{PROG}: error: --temperature must be >= 0 and --top-p in (0, 1]", file=sys.stderr)
+        return 2
+    sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
+    if sampling:
+        profile = profile.model_copy(update={"generation": profile.generation.model_copy(update=sampling)})
     from assistant.agent import Assistant
 
     out_dir = Path(args.out) if args.out else None
