@@ -200,6 +200,31 @@ def test_dialog_scoring_checks_attributes_order_and_answers(rendered):
     assert not score_dialog_turn(recall, "It was red.", ["image"], [], "eos")["ok"]  # an answer needs no media
 
 
+def test_dialog_scoring_reports_words_that_break_a_named_attribute(rendered):
+    """`words_keep`: the reply's words contradict nothing the script's caption of the output names; the
+    score itself (main attributes + the edited one) is unchanged by it."""
+    from training.evaluate import DialogCase, score_dialog_turn
+
+    large = ImageSpec("circle", "blue", "large", "center")
+    bigger = DialogCase("edit", [{"from": "human", "value": "make it bigger"},
+                                 {"from": "gpt", "value": "", "outputs": [large], "captions": ["a large blue circle in the middle"],
+                                  "changed": "size"}])  # fmt: skip
+    pic = [("image", rendered["blue-circle"])]
+    moved = score_dialog_turn(bigger, "Done! Here is a large blue circle on the right.", ["image"], pic, "eos")
+    assert moved["ok"] and moved["text_ok"]  # colour, shape and size are right in both
+    assert moved["words_keep"] is False and moved["outputs"][0]["words_break"] == ["position"]
+    for fine in ("Done! Here is a large blue circle in the centre.", "Here you go: a large blue circle."):  # a synonym; not restated
+        kept = score_dialog_turn(bigger, fine, ["image"], pic, "eos")
+        assert kept["words_keep"] is True and "words_break" not in kept["outputs"][0]
+    # an attribute the caption never named is not held against the words
+    unnamed = DialogCase("edit", [{"from": "human", "value": "make it bigger"},
+                                  {"from": "gpt", "value": "", "outputs": [large], "captions": ["a large blue circle"], "changed": "size"}])  # fmt: skip
+    assert score_dialog_turn(unnamed, "Done! Here is a large blue circle on the right.", ["image"], pic, "eos")["words_keep"] is True
+    recall = DialogCase("recall", [{"from": "human", "value": "what colour was it?"},
+                                   {"from": "gpt", "value": "It was red.", "answer": {"colour": "red"}}])  # fmt: skip
+    assert "words_keep" not in score_dialog_turn(recall, "It was red.", [], [], "eos")  # questions: not a media turn
+
+
 def test_make_it_move_is_scored_on_what_was_asked_not_on_a_guessed_direction(tmp_path):
     """'make it move' names no direction: any direction answers it, the kept colour+shape are scored;
     'animate it going left' is scored on the direction."""

@@ -345,13 +345,17 @@ def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: li
     """The last turn against the script: media turns — each asked output present, in the order asked,
     its main attributes (and the edited one) right in the decoded file; question turns — the answer
     word in the text and no media. `words`: the reply's text before each of its signal groups (with several
-    outputs, each one's words are read there)."""
-    from training.world.analyze import analyze, parse_caption, score
+    outputs, each one's words are read there).
+
+    Beside the score, media turns get `words_keep`: the reply's words contradict none of the attributes the
+    script's own caption of that output names ("make it bigger" after "a small green circle on the left":
+    "a large green circle on the right" breaks "left", which the score, on main attributes only, does not see)."""
+    from training.world.analyze import analyze, canonical_value, parse_caption, score
 
     truth = case.turns[-1]
     r: dict[str, Any] = {"text": text, "signals": signals, "finish_reason": finish}
     if "outputs" in truth:
-        specs = truth["outputs"]
+        specs, captions = truth["outputs"], truth.get("captions") or []
         r["asked"] = [s.modality for s in specs]
         r["order_ok"] = signals == r["asked"]
         per = []
@@ -372,11 +376,15 @@ def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: li
                 changed = truth.get("changed") or []
                 keys += [k for k in ([changed] if isinstance(changed, str) else changed) if k not in keys]
             said = parse_caption(own[k] if own else text, spec.modality)
+            named = parse_caption(captions[k], spec.modality) if k < len(captions) else {}
+            broken = [a for a, v in said.items() if a in named and canonical_value(a, v) != canonical_value(a, spec.attributes()[a])]
             per.append({"ok": score(spec.modality, predicted, spec.attributes(), keys), "keys": keys, "predicted": predicted,
-                        "text_ok": score(spec.modality, said, spec.attributes(), keys)})  # fmt: skip
+                        "text_ok": score(spec.modality, said, spec.attributes(), keys), "words_keep": not broken}  # fmt: skip
+                       | ({"words_break": broken} if broken else {}))
         r["outputs"] = per
         r["ok"] = bool(r["order_ok"] and all(o["ok"] for o in per))
         r["text_ok"] = all(o.get("text_ok") for o in per)
+        r["words_keep"] = all(o.get("words_keep", True) for o in per)  # an output not made contradicts nothing (it fails "ok")
     else:
         (key, value), = truth["answer"].items()
         said = parse_caption(text, None).get(key)
@@ -454,6 +462,9 @@ def evaluate_dialogs(settings, profile=None, *, n: int = 20, seed: int = 12345, 
             "text_accuracy": sum(bool(c.result.get("text_ok")) for c in cs) / len(cs),
             "turns": sum(len(c.turns) // 2 for c in cs) / len(cs),
         }
+        kept = [bool(c.result["words_keep"]) for c in cs if "words_keep" in c.result]  # media turns only
+        if kept:
+            out["scenarios"][sc]["words_keep"] = sum(kept) / len(kept)
     out.update(turns=turns_total, length_finishes=length_finishes, seed=seed, n=n, seconds=round(time.perf_counter() - t0, 1),
                profile=assistant.profile_name, checkpoint=str(assistant.profile.checkpoint) if assistant.profile.checkpoint else None,
                target=DIALOG_TARGET)  # fmt: skip
@@ -483,7 +494,8 @@ SCENARIO_WHAT = {
 def dialog_rows(result: dict) -> list[tuple[str, str, str, str, str]]:
     out = []
     for sc, r in result["scenarios"].items():
-        out.append((sc, SCENARIO_WHAT.get(sc, ""), f"{_pct(r['accuracy'])} ({r['n']})", f"text {_pct(r['text_accuracy'])}, {r['turns']:.1f} turns",
+        keep = f", words keep the rest {_pct(r['words_keep'])}" if "words_keep" in r else ""
+        out.append((sc, SCENARIO_WHAT.get(sc, ""), f"{_pct(r['accuracy'])} ({r['n']})", f"text {_pct(r['text_accuracy'])}{keep}, {r['turns']:.1f} turns",
                     f"≥ 90% {_mark(r['accuracy'], DIALOG_TARGET)}"))  # fmt: skip
     out.append(("token limit", "replies that ran to max_new_tokens", f"{result['length_finishes']} of {result['turns']}", "", "0"))
     return out
