@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 
 from training.world.conversations import SCENARIOS, W, W_TRAIN, sample_conversations, sample_scenarios
-from training.world.spec import AudioSpec, ImageSpec
+from training.world.spec import AudioSpec, ImageSpec, VideoSpec
 
 
 def _last(turns):
@@ -223,6 +223,13 @@ def test_dialog_scoring_reports_words_that_break_a_named_attribute(rendered):
     recall = DialogCase("recall", [{"from": "human", "value": "what colour was it?"},
                                    {"from": "gpt", "value": "It was red.", "answer": {"colour": "red"}}])  # fmt: skip
     assert "words_keep" not in score_dialog_turn(recall, "It was red.", [], [], "eos")  # questions: not a media turn
+    # "make it move": the script's caption picked a direction the user left open; any direction keeps the rest
+    moving = VideoSpec("circle", "blue", "up")
+    move = DialogCase("convert", [{"from": "human", "value": "make it move"},
+                                  {"from": "gpt", "value": "", "outputs": [moving], "captions": ["a blue circle moving up"],
+                                   "scored": ["colour", "shape"]}])  # fmt: skip
+    assert score_dialog_turn(move, "Here it is moving: a blue circle moving down.", ["video"], [], "eos")["words_keep"] is True
+    assert score_dialog_turn(move, "Here it is moving: a red circle moving down.", ["video"], [], "eos")["words_keep"] is False
 
 
 def test_make_it_move_is_scored_on_what_was_asked_not_on_a_guessed_direction(tmp_path):

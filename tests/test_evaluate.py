@@ -222,7 +222,7 @@ def test_dialog_eval_keeps_the_replies_that_hit_the_token_limit(settings, tiny_a
     assert result["length_finishes"] == len(kept) > 0
     assert all(isinstance(t["text"], str) and t["turn"] >= 0 for t in kept)
     for sc, summary in result["scenarios"].items():  # words_keep: over the scenario's media turns only
-        media_turns = [c["words_keep"] for c in cases if c["scenario"] == sc and "outputs" in c]
+        media_turns = [c["words_keep"] for c in cases if c["scenario"] == sc and "words_keep" in c]
         assert summary.get("words_keep") == (sum(media_turns) / len(media_turns) if media_turns else None)
     assert "words_keep" not in result["scenarios"]["recall"] and "words_keep" in result["scenarios"]["edit"]
 

@@ -349,7 +349,8 @@ def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: li
 
     Beside the score, media turns get `words_keep`: the reply's words contradict none of the attributes the
     script's own caption of that output names ("make it bigger" after "a small green circle on the left":
-    "a large green circle on the right" breaks "left", which the score, on main attributes only, does not see)."""
+    "a large green circle on the right" breaks "left", which the score, on main attributes only, does not see).
+    A reply with several outputs is read per output only when each has its own words (`words`); else it has none."""
     from training.world.analyze import analyze, canonical_value, parse_caption, score
 
     truth = case.turns[-1]
@@ -363,10 +364,18 @@ def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: li
         # words naming them); the first thing named would otherwise be read for every output
         own = words if words is not None and len(specs) > 1 and len(words) == len(specs) else None
         for k, spec in enumerate(specs):
+            said = parse_caption(own[k] if own else text, spec.modality)
+            named = parse_caption(captions[k], spec.modality) if k < len(captions) else {}
+            if truth.get("scored"):  # "make it move": the script's caption picked a direction the user left open
+                named = {a: v for a, v in named.items() if a in truth["scored"]}
+            broken = [a for a, v in said.items() if a in named and canonical_value(a, v) != canonical_value(a, spec.attributes()[a])]
+            keep = {"words_keep": not broken} | ({"words_break": broken} if broken else {})
+            if len(specs) > 1 and own is None:  # several outputs and no words of its own: nothing to read them against
+                keep = {}
             files = [p for m, p in media if m == spec.modality]
             nth = sum(1 for s in specs[:k] if s.modality == spec.modality)
             if nth >= len(files):
-                per.append({"ok": False, "predicted": None})
+                per.append({"ok": False, "predicted": None} | keep)
                 continue
             predicted = {k2: v for k2, v in analyze(spec.modality, files[nth]).items() if k2 not in ("confidence", "details")}
             if truth.get("scored"):  # the script says what the request asked for ("make it move": not a direction)
@@ -375,16 +384,13 @@ def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: li
                 keys = list(MAIN_KEYS[spec.modality])
                 changed = truth.get("changed") or []
                 keys += [k for k in ([changed] if isinstance(changed, str) else changed) if k not in keys]
-            said = parse_caption(own[k] if own else text, spec.modality)
-            named = parse_caption(captions[k], spec.modality) if k < len(captions) else {}
-            broken = [a for a, v in said.items() if a in named and canonical_value(a, v) != canonical_value(a, spec.attributes()[a])]
             per.append({"ok": score(spec.modality, predicted, spec.attributes(), keys), "keys": keys, "predicted": predicted,
-                        "text_ok": score(spec.modality, said, spec.attributes(), keys), "words_keep": not broken}  # fmt: skip
-                       | ({"words_break": broken} if broken else {}))
+                        "text_ok": score(spec.modality, said, spec.attributes(), keys)} | keep)  # fmt: skip
         r["outputs"] = per
         r["ok"] = bool(r["order_ok"] and all(o["ok"] for o in per))
         r["text_ok"] = all(o.get("text_ok") for o in per)
-        r["words_keep"] = all(o.get("words_keep", True) for o in per)  # an output not made contradicts nothing (it fails "ok")
+        if any("words_keep" in o for o in per):
+            r["words_keep"] = all(o.get("words_keep", True) for o in per)
     else:
         (key, value), = truth["answer"].items()
         said = parse_caption(text, None).get(key)
