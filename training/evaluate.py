@@ -363,34 +363,37 @@ def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: li
         # with several outputs, each one's words are those before its own signal group (a reply's groups follow the
         # words naming them); the first thing named would otherwise be read for every output
         own = words if words is not None and len(specs) > 1 and len(words) == len(specs) else None
+        scored = truth.get("scored")  # the script says what the request asked for ("make it move": not a direction)
         for k, spec in enumerate(specs):
+            attrs = spec.attributes()
             said = parse_caption(own[k] if own else text, spec.modality)
-            named = parse_caption(captions[k], spec.modality) if k < len(captions) else {}
-            if truth.get("scored"):  # "make it move": the script's caption picked a direction the user left open
-                named = {a: v for a, v in named.items() if a in truth["scored"]}
-            broken = [a for a, v in said.items() if a in named and canonical_value(a, v) != canonical_value(a, spec.attributes()[a])]
-            keep = {"words_keep": not broken} | ({"words_break": broken} if broken else {})
-            if len(specs) > 1 and own is None:  # several outputs and no words of its own: nothing to read them against
-                keep = {}
+            keep = {}  # several outputs and no words of their own: nothing to read them against
+            if own or len(specs) == 1:
+                named = parse_caption(captions[k], spec.modality) if k < len(captions) else {}
+                # "make it move": the script's caption picked a direction the user left open
+                broken = [a for a, v in said.items() if a in named and (not scored or a in scored)
+                          and canonical_value(a, v) != canonical_value(a, attrs[a])]  # fmt: skip
+                keep = {"words_keep": not broken} | ({"words_break": broken} if broken else {})
             files = [p for m, p in media if m == spec.modality]
             nth = sum(1 for s in specs[:k] if s.modality == spec.modality)
             if nth >= len(files):
                 per.append({"ok": False, "predicted": None} | keep)
                 continue
             predicted = {k2: v for k2, v in analyze(spec.modality, files[nth]).items() if k2 not in ("confidence", "details")}
-            if truth.get("scored"):  # the script says what the request asked for ("make it move": not a direction)
-                keys = list(truth["scored"])
+            if scored:
+                keys = list(scored)
             else:  # the modality's main attributes + the edited one
                 keys = list(MAIN_KEYS[spec.modality])
                 changed = truth.get("changed") or []
                 keys += [k for k in ([changed] if isinstance(changed, str) else changed) if k not in keys]
-            per.append({"ok": score(spec.modality, predicted, spec.attributes(), keys), "keys": keys, "predicted": predicted,
-                        "text_ok": score(spec.modality, said, spec.attributes(), keys)} | keep)  # fmt: skip
+            per.append({"ok": score(spec.modality, predicted, attrs, keys), "keys": keys, "predicted": predicted,
+                        "text_ok": score(spec.modality, said, attrs, keys)} | keep)  # fmt: skip
         r["outputs"] = per
         r["ok"] = bool(r["order_ok"] and all(o["ok"] for o in per))
         r["text_ok"] = all(o.get("text_ok") for o in per)
-        if any("words_keep" in o for o in per):
-            r["words_keep"] = all(o.get("words_keep", True) for o in per)
+        kept = [o["words_keep"] for o in per if "words_keep" in o]
+        if kept:
+            r["words_keep"] = all(kept)
     else:
         (key, value), = truth["answer"].items()
         said = parse_caption(text, None).get(key)
@@ -630,12 +633,16 @@ def main(argv: list[str] | None = None) -> int:
         profile = profile.model_copy(update={"checkpoint": ckpt})
     if args.backend:
         profile = profile.model_copy(update={"llm": profile.llm.model_copy(update={"backend": args.backend})})
-    if (args.temperature is not None and args.temperature < 0) or (args.top_p is not None and not 0 < args.top_p <= 1):
-        print(f"{PROG}: error: --temperature must be >= 0 and --top-p in (0, 1]", file=sys.stderr)
-        return 2
     sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
-    if sampling:
-        profile = profile.model_copy(update={"generation": profile.generation.model_copy(update=sampling)})
+    if sampling:  # validated by the config's own bounds (model_copy would not check them)
+        from pydantic import ValidationError
+
+        try:
+            generation = type(profile.generation).model_validate(profile.generation.model_dump() | sampling)
+        except ValidationError:
+            print(f"{PROG}: error: --temperature must be >= 0 and --top-p in (0, 1]", file=sys.stderr)
+            return 2
+        profile = profile.model_copy(update={"generation": generation})
     from assistant.agent import Assistant
 
     out_dir = Path(args.out) if args.out else None
