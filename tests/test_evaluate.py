@@ -144,6 +144,9 @@ def test_train_small_smoke(tmp_path, monkeypatch):
     assert (work / "data" / "conversations-fresh" / "dialogs.json").is_file()  # stage 7's
     assert (work / "data" / "conversations-fresh2" / "dialogs.json").is_file()  # stage 8's
     assert (work / "data" / "conversations-fresh3" / "dialogs.json").is_file()  # stage 9's
+    # every stage's input files were encoded once into the work folder's store (one folder per encoder)
+    stores = [d for d in (work / "features").iterdir() if d.is_dir()]
+    assert len(stores) == 1 and {p.parent.name for p in stores[0].glob("*/*.safetensors")} == {"image", "video", "audio"}
     card = (out / "README.md").read_text()
     assert "| 3 | instruction tuning" in card and "| 4 | conversation tuning" in card and "| 6 | conversations again" in card and "| 7 | fresh conversations" in card and "| 8 | fresh conversations again" in card and "| 9 | many fresh conversations" in card
     assert card.count("| CPU |") == 9  # where each stage ran (`--gpu` would say GPU)

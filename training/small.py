@@ -50,6 +50,8 @@ Steps (every one deterministic, every one skipped when its output is already com
    state) into `--out` with a model card `README.md`; `--eval N` also runs `training.evaluate` on it
    and records the table in the card.
 
+Every stage's input files are encoded once by the frozen encoder into `<work>/features` (keyed by the
+encoder's weights and each file's bytes; the refit reads the same vectors), not once per batch.
 Each stage runs `training.stages.main` in this process with an argument list and saves a resumable
 checkpoint every `save_every` steps; a stage whose final checkpoint already holds its planned step
 count is skipped, one with checkpoints is resumed (`--resume`), one without any is restarted.
@@ -250,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-max-new-tokens", type=int, help="cap on reply tokens in the evaluation (default: the profile's)")
     p.add_argument("--note", default="", help="a line for the model card (e.g. how this run deviated from the plan)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    p.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                   help="profile N steps of each stage run (after its first): <work>/stage<K>/profile.txt")
     return p
 
 
@@ -425,10 +429,12 @@ def run_stage(stage: int, work: Path, plan: Plan, files: dict[str, Path], args, 
         "--init", init, "--output", str(out), "--steps", str(sp.steps), "--batch-size", str(sp.batch_size),
         "--lr", str(sp.lr), "--warmup", str(sp.warmup), "--max-length", str(sp.max_length),
         "--save-every", str(sp.save_every), "--log-every", str(max(1, min(10, sp.save_every))),
-        "--targets", args.targets_dir, *sp.extra, *([] if args.gpu else ["--cpu"]),
+        "--targets", args.targets_dir, "--features", str(work / "features"), *sp.extra, *([] if args.gpu else ["--cpu"]),
     ]  # fmt: skip
     if sp.max_minutes is not None:
         argv += ["--max-minutes", str(sp.max_minutes)]
+    if args.profile_steps:
+        argv += ["--profile-steps", str(args.profile_steps)]
     if stage >= 3:
         argv += ["--lora-r", str(plan.lora_r), "--lora-alpha", str(plan.lora_alpha), "--group-by-length", str(plan.group_by_length)]
         if args.bf16:
@@ -530,7 +536,8 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     from nextgpt.model import NextGPT
     from nextgpt.tokens import MODALITIES as SIGNALS
     from training.trainer import TargetCache, load_stage_data
-    from training.trainer.encode import Collator, DialogEncoder, MediaCache, isolate_later_groups
+    from training.trainer.encode import Collator, DialogEncoder, isolate_later_groups
+    from training.trainer.features import MediaFeatures, encoder_key
 
     last = final_llm_stage(plan)
     src, out = work / f"stage{last}", work / "refit"
@@ -570,8 +577,8 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     }
     cache = TargetCache(_target_dirs(settings, profile, args.targets_dir))
     shapes = {m: (p.query_embs.shape[1], p.model.out_features) for m, p in model.output_projectors.items()}
-    collate = Collator(model.tokenizer.pad_token_id or 0, model.input_proj.in_features, shapes,
-                       MediaCache(model.encoder.encode), cache.get)  # fmt: skip
+    inputs = MediaFeatures(work / "features" / encoder_key(model.encoder), model.encoder.encode)  # the stages' own vectors
+    collate = Collator(model.tokenizer.pad_token_id or 0, model.input_proj.in_features, shapes, inputs, cache.get)
     feats: dict[str, list[torch.Tensor]] = {m: [] for m in SIGNALS}
     targets: dict[str, list[torch.Tensor]] = {m: [] for m in SIGNALS}
     llm_digest = _digest([src / WEIGHTS_FILE, *(f for f in (src / "adapter").glob("*") if f.is_file())])  # rows, input projection, LoRA
@@ -599,6 +606,7 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
                 cache.save()
             _say(f"refit: computing signal states for {len(examples)} examples ({len(records)} {name})")
             part = signal_states(model, collate, examples, rp.forward_batch)
+            inputs.save()
             saved.parent.mkdir(parents=True, exist_ok=True)
             save_file(part, str(saved))
         for m in SIGNALS:

@@ -16,7 +16,8 @@
 
 This is the front end: it reads the config and the data, computes the output projectors' targets
 with the decoder tools (each decoder's own text encoder, once per caption, cached under
-`<cache_dir>/train-targets/`), and runs `training.trainer.Trainer`.
+`<cache_dir>/train-targets/`), encodes every input file once with the frozen encoder (cached under
+`<cache_dir>/train-features/`, `training/trainer/features.py`), and runs `training.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cpu", action="store_true", default=None, help="train on the CPU even if a GPU is present")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    g.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                   help="torch.profiler over N steps after the first: where a step's time goes, in OUTPUT/profile.txt")
     t = p.add_argument_group("what is trained")
     t.add_argument("--train", type=_groups, metavar="GROUPS",
                    help="comma-separated: input_proj, output_projectors, new_rows, embed_rows (the input side of new_rows only), lora (default: the stage's)")  # fmt: skip
@@ -103,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-targets", type=_groups, default=("q_proj", "k_proj", "v_proj", "o_proj"), metavar="MODULES")
     t.add_argument("--loss-scale", type=_scales, metavar="M=X,...", help="projector loss weights (default 1; stage 3 video 2)")
     t.add_argument("--targets", help="folder for the precomputed decoder text embeddings (default: <cache_dir>/train-targets)")
+    t.add_argument("--features", help="folder for the input files' encoder vectors, computed before training (default: <cache_dir>/train-features)")
     p.add_argument("--dump-rank-state", action="store_true", help=argparse.SUPPRESS)  # tests: per-process tensors
     return p
 
@@ -164,6 +168,25 @@ def compute_targets(settings, profile, needed: list[tuple[str, str]], folder: st
         elif n:
             raise UserError(f"targets missing after the main process computed them ({n}); are {sorted(map(str, dirs.values()))} on a shared filesystem?")
     return cache
+
+
+def compute_features(settings, model, items: list[tuple[str, Path]], folder: str | None, accelerator, log):
+    """Every input file's encoder vector, computed once before training (main process) and cached in the
+    folder of this encoder (`<folder>/<encoder key>/`): the collator then reads vectors instead of
+    decoding and encoding the batch's media at every step."""
+    from training.trainer.features import MediaFeatures, encoder_key
+
+    root = Path(folder).expanduser() if folder else settings.cache_path / "train-features"
+    with accelerator.main_process_first():
+        feats = MediaFeatures(root / encoder_key(model.encoder), model.encoder.encode)
+        todo = feats.missing(items)
+        if todo and accelerator.is_main_process:
+            log(f"encoding {len(todo)} input file(s) once, before training ({feats.folder})")
+            with _bar(len(todo), "inputs") as advance:
+                feats.fill(todo, progress=advance)
+        elif todo:
+            raise UserError(f"input vectors missing after the main process computed them ({len(todo)}); is {feats.folder} on a shared filesystem?")
+    return feats
 
 
 class _bar:
@@ -248,7 +271,7 @@ def _train(args) -> int:
             lora_targets=tuple(args.lora_targets), loss_scale=args.loss_scale, save_every=args.save_every,
             log_every=args.log_every, seed=args.seed, progress=not args.no_progress, resume=args.resume,
             overwrite=args.overwrite, gradient_checkpointing=args.gradient_checkpointing,
-            dump_rank_state=args.dump_rank_state,
+            dump_rank_state=args.dump_rank_state, profile_steps=args.profile_steps,
         )  # fmt: skip
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -258,8 +281,10 @@ def _train(args) -> int:
         cache = compute_targets(settings, profile, needed, args.targets, accelerator, log) if needed else None
         model, adapter, full = load_model(settings, profile, init, log)
         meta = {"profile": name, "llm_source": profile.llm.source, "init": str(init) if init else None}
+        inputs = [item for d in dialogs for item in d.media]
+        feats = compute_features(settings, model, inputs, args.features, accelerator, log) if inputs else None
         trainer = Trainer(model, cfg, accelerator, init_adapter=adapter, full_embeddings=full, meta=meta, log=log)
-        result = trainer.fit(dialogs, target_fn=cache.get if cache is not None else None)
+        result = trainer.fit(dialogs, target_fn=cache.get if cache is not None else None, media_fn=feats)
     except (CheckpointError, DataError, TemplateError, TrainError) as e:
         raise UserError(str(e)) from None
     if result.losses:

@@ -21,6 +21,7 @@ Output directory:
       nextgpt.safetensors        `checkpoint`): input_proj.*, output_projectors.<m>.*,
       adapter/                   embed_tokens.new_rows, lm_head.new_rows; peft LoRA adapter (stage 3)
       meta.json  trainer.json  metrics.jsonl
+      profile.txt                with `profile_steps`: where the time of those steps went
       checkpoints/step-000100/   the same files + trainer_state/ (optimizer and RNG: accelerate's
                                  save_state without the frozen model; step and scheduler:
                                  progress.json) → --resume, which never unpickles: every file is
@@ -42,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from nextgpt.checkpoint import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, FORMAT, META_FILE, WEIGHTS_FILE
 from nextgpt.model import Forward, signal_forward
@@ -63,6 +65,7 @@ COMPLETE = "complete"  # written last into STATE_DIR
 TRAINER_FILE = "trainer.json"
 PROGRESS_FILE = "progress.json"  # in STATE_DIR: the step and the LR scheduler's state
 METRICS_FILE = "metrics.jsonl"
+PROFILE_FILE = "profile.txt"
 CALIBRATE_STEPS = 10  # max_minutes: the pace is measured over these steps after the first
 
 
@@ -101,6 +104,7 @@ class TrainConfig:
     overwrite: bool = False
     gradient_checkpointing: bool = False
     dump_rank_state: bool = False  # each process writes its trainable tensors to OUT/rank-<i>.safetensors
+    profile_steps: int = 0  # torch.profiler over this many steps after the first: OUT/profile.txt (main process)
 
     def __post_init__(self):
         if self.stage not in STAGE_GROUPS:
@@ -130,6 +134,8 @@ class TrainConfig:
             raise ValueError("max_steps must be at least 1")
         if self.save_every is not None and self.save_every < 1:
             raise ValueError("save_every must be at least 1")
+        if self.profile_steps < 0:
+            raise ValueError("profile_steps must be 0 (off) or a number of steps")
 
 
 @dataclass
@@ -275,12 +281,15 @@ class TrainModule(nn.Module):
             has = g["has_target"]
             if not bool(has.any()):
                 continue
-            projector = self.output_projectors[m]
-            pred = projector(out.states[m][has].to(projector.fc.weight.dtype))
-            # per-token Euclidean distance, averaged (official: ((u-v)²).sum(-1).sqrt().mean())
-            l2 = torch.linalg.vector_norm(pred.float() - g["target"][has].float(), dim=-1).mean()
+            projector, scale = self.output_projectors[m], self.loss_scale[m]
+            # a loss scaled to 0 is only watched (how far the states drift from the projector): no graph for it
+            with torch.set_grad_enabled(torch.is_grad_enabled() and scale != 0):
+                pred = projector(out.states[m][has].to(projector.fc.weight.dtype))
+                # per-token Euclidean distance, averaged (official: ((u-v)²).sum(-1).sqrt().mean())
+                l2 = torch.linalg.vector_norm(pred.float() - g["target"][has].float(), dim=-1).mean()
             losses[f"l2_{m}"] = l2
-            total = total + self.loss_scale[m] * l2
+            if scale != 0:
+                total = total + scale * l2
         losses["loss"] = total
         return losses
 
@@ -657,18 +666,22 @@ class Trainer:
         sums = torch.zeros(2 * len(keys), dtype=torch.float64)
         t0 = time.perf_counter()
         first_step, t_first = progress.step + 1, None
+        profiler = StepProfiler(cfg.profile_steps if acc.is_main_process else 0, cfg.output_dir / PROFILE_FILE, self.log)
         try:
             while progress.step < self._max_steps:
                 sampler.use_epoch(progress.epoch)
                 it = acc.skip_first_batches(loader, progress.batch_in_epoch) if progress.batch_in_epoch else loader
                 for batch in it:
                     with acc.accumulate(module):
-                        out = module(batch)
-                        acc.backward(out["loss"])
-                        if acc.sync_gradients and cfg.grad_clip:
-                            acc.clip_grad_norm_(self.params, cfg.grad_clip)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+                        with record_function("forward"):
+                            out = module(batch)
+                        with record_function("backward"):
+                            acc.backward(out["loss"])
+                        with record_function("optimizer"):
+                            if acc.sync_gradients and cfg.grad_clip:
+                                acc.clip_grad_norm_(self.params, cfg.grad_clip)
+                            optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
                     for i, k in enumerate(keys):
                         if k in out:
                             sums[i] += float(out[k].detach())
@@ -682,6 +695,7 @@ class Trainer:
                         t_first = t_now
                     elif t_first is not None and self._fit_to_budget(progress.step, first_step, t_first, t_now, t0):
                         bar.set_total(self._max_steps)  # (before the scheduler's step: the next LR follows the cut at once)
+                    profiler.after_step(progress.step - first_step)
                     scheduler.step()
                     # the step's losses, averaged over micro-batches and processes
                     vec = acc.reduce(sums.to(acc.device), reduction="sum").cpu() if acc.num_processes > 1 else sums
@@ -708,6 +722,7 @@ class Trainer:
                     continue
                 break
         finally:
+            profiler.close()
             bar.close()
         self.save(progress.step, final=True)
         if cfg.dump_rank_state:
@@ -802,6 +817,49 @@ class Trainer:
         for p in self.model.llm.parameters():
             p.requires_grad_(False)
         return self.model
+
+
+class StepProfiler:
+    """`profile_steps`: torch.profiler over that many optimizer steps after the first (which pays for
+    warm-up): CPU time and, on a GPU, device time, of every op and of the loop's parts (`collate`:
+    the batch from the data loader; `forward`, `backward`, `optimizer`); two tables go to OUT/profile.txt,
+    the parts and ops by total time, then the ops by their own time."""
+
+    def __init__(self, steps: int, path: Path, log: Callable[[str], None]):
+        self.steps, self.path, self.log = int(steps), path, log
+        self.prof, self.done, self.t0 = None, 0, 0.0
+
+    def after_step(self, since_first: int) -> None:
+        """Called after each optimizer step with the number of steps done since the first."""
+        if not self.steps:
+            return
+        if self.prof is None and since_first == 0:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=activities)
+            self.prof.start()
+            self.t0 = time.perf_counter()
+        elif self.prof is not None:
+            self.done = since_first
+            if self.done >= self.steps:
+                self.close()
+
+    def close(self) -> None:
+        if self.prof is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t0
+        self.prof.stop()
+        events, self.prof, self.steps = self.prof.key_averages(), None, 0
+        own = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        total = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        n = max(1, self.done)
+        head = f"{self.done} step(s) profiled: {wall / n:.3f} s a step (wall clock, profiler overhead included)\n\n"
+        self.path.write_text(head + "by total time (collate, forward, backward, optimizer: the loop's parts)\n"
+                             + events.table(sort_by=total, row_limit=25) + "\nby own time\n" + events.table(sort_by=own, row_limit=25))  # fmt: skip
+        self.log(f"profile of {self.done} step(s): {self.path}")
 
 
 class _ProgressBar:
