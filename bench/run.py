@@ -14,7 +14,11 @@
 6. one turn of the profile broken down: encode, prefill, decode, project, denoise, save;
 7. the llama.cpp backend (`llama`): decode ÷ raw llama.cpp on the same GGUF and ÷ fp32 transformers,
    projector-output cosine vs fp32 per modality, warm time to first token, a text→image turn,
-   turn-30 ÷ turn-1.
+   turn-30 ÷ turn-1;
+8. training's input pipeline (`train`): a batch of 32 of stage 9's conversations collated with its media
+   encoded per batch (the trainer's in-memory cache, cold: a new pass over new files) ÷ with every file's
+   vector read from the store filled before the stage (`training/trainer/features.py`), and that fill's
+   cost per file.
 Results also go to bench/results.json, to compare between commits.
 """
 
@@ -433,7 +437,45 @@ def bench_breakdown(settings, profile_name: str) -> dict:
     return parts
 
 
-SECTIONS = ("turns", "decode", "image", "help", "memory", "breakdown", "llama")
+def bench_train(settings, profile_name: str, batches: int) -> dict:
+    from training.stages import transformers_profile
+    from training.trainer import load_stage_data
+    from training.trainer.encode import Collator, DialogEncoder, MediaCache
+    from training.trainer.features import MediaFeatures, encoder_key
+    from training.small import FRESH3
+    from training.world.conversations import sample_conversations
+    from training.world.dialogs import write_records
+    from nextgpt.model import NextGPT
+
+    model = NextGPT.from_profile(transformers_profile(settings.profile(profile_name)), settings.cache_path)
+    with tempfile.TemporaryDirectory() as d:
+        write_records(Path(d) / "conv", sample_conversations(32 * batches, 9, scenarios=FRESH3), 64, outputs=False)  # stage 9's
+        dialogs = load_stage_data(3, [Path(d) / "conv" / "dialogs.json"])
+        enc = DialogEncoder(model.tokenizer, model.template, model.system_prompt, 448)
+        examples = [e for e in (enc.encode(x) for x in dialogs) if e is not None]
+        examples = [type(e)(e.input_ids, e.labels, e.media, [(s, m, None) for s, m, _ in e.signals]) for e in examples]  # no targets
+        shapes = {m: (p.query_embs.shape[1], p.model.out_features) for m, p in model.output_projectors.items()}
+        pad = model.tokenizer.pad_token_id or 0
+        store = MediaFeatures(Path(d) / "features" / encoder_key(model.encoder), model.encoder.encode)
+        items = [item for x in dialogs for item in x.media]
+        t = time.perf_counter()
+        filled = store.fill(items)
+        fill_s = time.perf_counter() - t
+        per_batch = Collator(pad, model.input_proj.in_features, shapes, MediaCache(model.encoder.encode), None)
+        stored = Collator(pad, model.input_proj.in_features, shapes, MediaFeatures(store.folder, model.encoder.encode), None)
+        ta, tb = [], []
+        for i in range(batches):  # alternately, so drift in the machine's load hits both alike
+            batch = examples[32 * i : 32 * (i + 1)]
+            for collate, times in ((per_batch, ta), (stored, tb)):
+                t = time.perf_counter()
+                collate(batch)
+                times.append(time.perf_counter() - t)
+    a, b = statistics.median(ta), statistics.median(tb)
+    return {"batches": batches, "media_items": len(items), "distinct_files": filled, "fill_s_per_file": fill_s / max(1, filled),
+            "collate_per_batch_s": a, "collate_stored_s": b, "ratio": a / b}
+
+
+SECTIONS = ("turns", "decode", "image", "help", "memory", "breakdown", "llama", "train")
 
 
 def main(argv=None) -> int:
@@ -480,6 +522,8 @@ def main(argv=None) -> int:
         results["memory"] = bench_memory(1000 if args.quick else 10_000, 50 if args.quick else 500)
     if "breakdown" in only:
         results["breakdown"] = bench_breakdown(settings, args.profile)
+    if "train" in only:
+        results["train"] = bench_train(settings, args.profile, 4 if args.quick else 12)
     if "llama" in only:
         try:
             import llama_cpp  # noqa: F401
@@ -544,6 +588,12 @@ def main(argv=None) -> int:
         table.add_row("  chat stderr, later start", repr(q["chat_stderr"][-1][:80]) or "''", "empty")
     elif "llama" in only:
         table.add_row("llama.cpp backend", r["llama"]["skipped"], "")
+    if "train" in only:
+        t = r["train"]
+        table.add_row(f"training input: batch of 32 with its media encoded per batch ÷ read from the store "
+                      f"(median of {t['batches']})", f"{t['ratio']:.0f}", f"{t['collate_per_batch_s']:.3f} vs {t['collate_stored_s'] * 1000:.1f} ms")
+        table.add_row("  filling the store before the stage, per distinct file",
+                      f"{t['fill_s_per_file'] * 1000:.0f} ms", f"{t['distinct_files']} of {t['media_items']} inputs")
     Console().print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
