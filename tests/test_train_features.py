@@ -150,3 +150,15 @@ def test_profile_steps_writes_where_the_time_went(model, data, tmp_path):
     for part in ("collate", "forward", "backward", "optimizer", "aten::mm"):
         assert part in text, part
     assert any("profile of 2 step(s)" in m for m in logs)
+
+
+def test_an_unusable_input_file_is_a_clear_error_before_training(data, tmp_path, capsys):
+    d = tmp_path / "data"
+    shutil.copytree(data, d, ignore=shutil.ignore_patterns("other"))
+    bad = sorted((d / "images").glob("*.png"))[1]
+    bad.write_bytes(b"not a picture")
+    rc = _cli("--stage", 1, "--data", d / "image_pairs.json", "--init", "none", "--steps", 2, "--batch-size", 2,
+              "--features", tmp_path / "feats", "--output", tmp_path / "run")  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "an input file cannot be encoded" in err and bad.name in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained

@@ -182,8 +182,14 @@ def compute_features(settings, model, items: list[tuple[str, Path]], folder: str
         todo = feats.missing(items)
         if todo and accelerator.is_main_process:
             log(f"encoding {len(todo)} input file(s) once, before training ({feats.folder})")
-            with _bar(len(todo), "inputs") as advance:
-                feats.fill(todo, progress=advance)
+            from nextgpt.media import AttachmentError
+
+            try:
+                with _bar(len(todo), "inputs") as advance:
+                    feats.fill(todo, progress=advance)
+            except AttachmentError as e:  # "{path}: {problem}"; the vectors encoded before it are kept
+                feats.save()
+                raise UserError(f"an input file cannot be encoded: {e}") from None
         elif todo:
             raise UserError(f"input vectors missing after the main process computed them ({len(todo)}); is {feats.folder} on a shared filesystem?")
     return feats
