@@ -438,6 +438,8 @@ def bench_breakdown(settings, profile_name: str) -> dict:
 
 
 def bench_train(settings, profile_name: str, batches: int) -> dict:
+    from dataclasses import replace
+
     from training.stages import transformers_profile
     from training.trainer import load_stage_data
     from training.trainer.encode import Collator, DialogEncoder, MediaCache
@@ -453,7 +455,7 @@ def bench_train(settings, profile_name: str, batches: int) -> dict:
         dialogs = load_stage_data(3, [Path(d) / "conv" / "dialogs.json"])
         enc = DialogEncoder(model.tokenizer, model.template, model.system_prompt, 448)
         examples = [e for e in (enc.encode(x) for x in dialogs) if e is not None]
-        examples = [type(e)(e.input_ids, e.labels, e.media, [(s, m, None) for s, m, _ in e.signals]) for e in examples]  # no targets
+        examples = [replace(e, signals=[(s, m, None) for s, m, _ in e.signals]) for e in examples]  # no targets
         shapes = {m: (p.query_embs.shape[1], p.model.out_features) for m, p in model.output_projectors.items()}
         pad = model.tokenizer.pad_token_id or 0
         store = MediaFeatures(Path(d) / "features" / encoder_key(model.encoder), model.encoder.encode)

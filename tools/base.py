@@ -93,11 +93,8 @@ def write_bytes_addressed(data: bytes, output_dir: Path, ext: str) -> tuple[Path
 
 def adopt_file_addressed(tmp: Path, output_dir: Path, ext: str) -> tuple[Path, str]:
     """Move a finished temp file (in `output_dir`) to `<sha256>.<ext>` atomically."""
-    h = hashlib.sha256()
     with open(tmp, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    sha = h.hexdigest()
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
     path = output_dir / f"{sha}.{ext}"
     if path.is_file() and path.stat().st_size == tmp.stat().st_size:
         tmp.unlink()

@@ -29,15 +29,6 @@ from training.trainer.targets import TargetCache
 MODALITIES = ("image", "video", "audio")
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of the file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def encoder_key(encoder) -> str:
     """What decides an encoder's vectors (16 hex digits): its weights' bytes, dtype and architecture,
     and the clip settings of its preprocessing. Not its device: a cache filled on one machine serves
@@ -73,7 +64,8 @@ class MediaFeatures:
     def _key(self, path: str | os.PathLike) -> str:
         p = str(path)
         if p not in self._digests:
-            self._digests[p] = file_digest(p)
+            with open(p, "rb") as f:
+                self._digests[p] = hashlib.file_digest(f, "sha256").hexdigest()
         return self._digests[p]
 
     def missing(self, items: Iterable[tuple[str, str | os.PathLike]]) -> list[tuple[str, Path]]:
@@ -94,8 +86,7 @@ class MediaFeatures:
         todo = self.missing(items)
         for i in range(0, len(todo), self.batch_size):
             chunk = todo[i : i + self.batch_size]
-            for (m, p), v in zip(chunk, self.encode(chunk)):
-                self.store.add(m, self._key(p), v.detach().float().cpu())
+            self._encode(chunk)
             if progress is not None:
                 progress(len(chunk))
         self.store.save()
@@ -104,9 +95,12 @@ class MediaFeatures:
     def __call__(self, items: list[tuple[str, str | os.PathLike]]) -> torch.Tensor:
         todo = self.missing(items)
         if todo:  # not filled beforehand: encode now (kept in memory until the next `save`)
-            for (m, p), v in zip(todo, self.encode(todo)):
-                self.store.add(m, self._key(p), v.detach().float().cpu())
+            self._encode(todo)
         return torch.stack([self.store.get(m, self._key(p)) for m, p in items])
+
+    def _encode(self, items: list[tuple[str, Path]]) -> None:
+        for (m, p), v in zip(items, self.encode(items)):
+            self.store.add(m, self._key(p), v.detach().float().cpu())
 
     def save(self) -> None:
         self.store.save()
