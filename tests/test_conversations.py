@@ -53,6 +53,37 @@ def test_multi_asks_each_modality_in_order():
         assert all(p >= 0 for p in positions) and positions == sorted(positions)  # asked in this order
 
 
+def test_three_sets_how_often_several_outputs_are_three():
+    def threes(three):
+        convs = sample_conversations(200, seed=7, scenarios=("multi",), three=three)
+        multi = [next(t for t in c if t["from"] == "gpt" and t["kind"] == "multi") for c in convs]
+        return sum(len(t["outputs"]) == 3 for t in multi) / len(multi)
+
+    assert threes(0.0) == 0 and threes(1.0) == 1 and 0.1 < threes(0.2) < 0.3 < 0.4 < threes(0.5) < 0.6
+
+
+def test_either_or_questions_offer_the_true_value_and_one_other():
+    """ "red or blue?" (training wording only): both are values of the asked attribute, one is the
+    output's, and the answer names that one."""
+    import re
+
+    seen = 0
+    for turns in sample_scenarios("ask", 200, seed=8, wording="train"):
+        human, gpt = _last(turns)
+        m = re.search(r"(\w+) or (\w+)", human["value"])
+        (key, value), = gpt["answer"].items()
+        if not m or key == "timbre" or "high, mid" in human["value"].lower():  # the older wordings
+            continue
+        options = {m.group(1).lower(), m.group(2).lower()}
+        if key == "pitch" and "high or low" in human["value"].lower() and value == "mid":
+            continue  # "Is it high or low?" (an old wording) for a mid pitch
+        assert value in options and len(options) == 2 and value in gpt["value"], human["value"]
+        seen += 1
+    assert seen > 10
+    evals = [_last(t)[0]["value"] for t in sample_scenarios("ask", 60, seed=8)]
+    assert not any(re.fullmatch(r"(red|green|blue|yellow|purple|orange|circle|square|triangle) or \w+\??", e.lower()) for e in evals)
+
+
 def test_eval_wording_is_never_a_training_wording():
     """Every user intent's held-out phrasings (index % 4 == 3) differ from all its training phrasings,
     also after a user's habits (lower case, no punctuation); and the training data never uses them."""

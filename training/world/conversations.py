@@ -46,6 +46,8 @@ from training.world.spec import (
     COLOURS,
     DIRECTIONS,
     PITCHES,
+    SHAPES,
+    TIMBRES,
     VOCABULARY,
     AudioSpec,
     ImageSpec,
@@ -173,9 +175,16 @@ W_TRAIN: dict[str, tuple[str, ...]] = {
                      "Give me a tone, {c}.", "play {c} real quick", "Could you produce {c} for me?", "Sound {c}, please."),
     "create.video": ("Make a movie of {c}.", "I want a clip of {c}.", "can u animate {c}", "Make an animation of {c}.",
                      "Film {c}.", "a short video of {c} please", "Could you render {c} as a video?", "Video of {c}, please."),
-    "part.image": ("sketch {c}", "illustrate {c}", "do a drawing of {c}", "make an image of {c}"),
-    "part.audio": ("play me {c}", "make me {c}", "add {c}", "play {c} as well"),
-    "part.video": ("animate me {c}", "make a movie of {c}", "make an animation of {c}", "film {c}"),
+    "part.image": ("sketch {c}", "illustrate {c}", "do a drawing of {c}", "make an image of {c}",
+                   "render {c}", "give me a picture of {c}", "create an image of {c}", "put {c} in a picture"),
+    "part.audio": ("play me {c}", "make me {c}", "add {c}", "play {c} as well",
+                   "I want to hear {c}", "generate {c}", "sound {c}", "produce {c}"),
+    "part.video": ("animate me {c}", "make a movie of {c}", "make an animation of {c}", "film {c}",
+                   "give me a video of {c}", "render a clip of {c}", "show me a video of {c}", "create a clip of {c}"),
+    # three outputs in one message, as users chain them (none of them the held-out ", and also")
+    "multi.3": ("{a}, {b}, and {c}.", "{a}, {b}, plus {c}", "I'd like you to {a}, {b} and {c}.", "{a}; {b}; {c}",
+                "First {a}, then {b}, and finally {c}.", "Could you {a}, {b}, and {c} please?", "{a}, {b}, as well as {c}",
+                "{a}, {b}, and {c} too", "{a} and {b} and {c}", "can u {a}, {b} and {c}"),
     # requests phrased as questions ("could it be yellow?"): an edit, not a question about the output
     "edit.colour": ("could it be {x}?", "can we make it {x}?", "would you make it {x}?", "how about {x}?", "what about {x}?",
                     "can I get it in {x}?", "is it possible to make it {x}?", "Could you make the {r} {x}?", "can the {r} be {x}?",
@@ -193,10 +202,16 @@ W_TRAIN: dict[str, tuple[str, ...]] = {
     "edit.two": ("could it be {x} and {y}?", "can you do {x} and {y}?"),
     "refer": ("could you make the first {r} {x}?", "can the first {r} be {x}?", "would you redo the first {r} in {x}?"),
     # questions as users type them: terse, "do you recall", "tell me" (none of the held-out wordings)
-    "ask.colour": ("colour?", "What colour did you make it?", "tell me the colour", "Which colour is it in?", "what colour is that one?"),
-    "ask.shape": ("shape?", "What kind of shape is that?", "tell me the shape", "Which shape did you use?", "what shape is that one?"),
-    "ask.direction": ("direction?", "Which direction?", "tell me which way it goes", "Where is it heading?", "which way does that one go?"),
-    "ask.pitch": ("pitch?", "Is the pitch high, mid or low?", "tell me the pitch", "How high does it sound?", "what pitch did you use?"),
+    # ... and either/or ("red or blue?", o = the true value and another, in random order; not for
+    # the timbre, whose only either/or is the held-out "beep or buzz?")
+    "ask.colour": ("colour?", "What colour did you make it?", "tell me the colour", "Which colour is it in?", "what colour is that one?",
+                   "{o}?", "is it {o}?", "{o}, which one?"),
+    "ask.shape": ("shape?", "What kind of shape is that?", "tell me the shape", "Which shape did you use?", "what shape is that one?",
+                  "{o}?", "is it {o}?", "{o}, which one?"),
+    "ask.direction": ("direction?", "Which direction?", "tell me which way it goes", "Where is it heading?", "which way does that one go?",
+                      "{o}?", "does it go {o}?", "{o}, which one?"),
+    "ask.pitch": ("pitch?", "Is the pitch high, mid or low?", "tell me the pitch", "How high does it sound?", "what pitch did you use?",
+                  "{o}?", "is it {o}?", "{o}, which one?"),
     "ask.timbre": ("timbre?", "Is it beeping or buzzing?", "tell me what kind of sound that is", "Does it beep or buzz?", "What type of sound did you make?"),
     "recall.colour": ("What colour had the first {r}?", "Do you recall the first {r}'s colour?", "the first {r}: what colour was it?",
                       "Tell me the colour of the first {r}.", "first {r} colour?"),
@@ -266,6 +281,7 @@ class Writer:
 
     rng: np.random.Generator
     wording: str = "train"
+    three: float = 0.2  # how often a several-outputs request asks for three (else two)
     turns: list[dict[str, Any]] = field(default_factory=list)
     items: list[Item] = field(default_factory=list)
 
@@ -373,7 +389,7 @@ class Writer:
         return out
 
     def multi(self, k: int | None = None) -> list[Item]:
-        k = k or (2 if self.rng.random() < 0.8 else 3)
+        k = k or (2 if self.rng.random() < 1 - self.three else 3)
         modalities = list(self.rng.permutation(["image", "audio", "video"])[:k])
         if k == 2 and self.rng.random() < 0.15:  # two of the same kind: "draw a red circle and a blue square"
             modalities[1] = modalities[0]
@@ -400,7 +416,11 @@ class Writer:
         item = self.last_output()
         key = self.pick({"image": ("colour", "shape"), "video": ("colour", "direction"), "audio": ("pitch", "timbre")}[item.spec.modality])
         x = getattr(item.spec, key)
-        self.exchange("ask", self.say(f"ask.{key}"), self.say(f"answer.{key}", user=False, x=x), extra={"answer": {key: x}})
+        o = ""
+        if self.wording != "eval":  # the evaluation's random stream stays as it was
+            values = {"colour": list(COLOURS), "shape": SHAPES, "direction": DIRECTIONS, "pitch": list(PITCHES), "timbre": TIMBRES}[key]
+            o = " or ".join(self.rng.permutation([x, self.other(values, x)]))
+        self.exchange("ask", self.say(f"ask.{key}", o=o), self.say(f"answer.{key}", user=False, x=x), extra={"answer": {key: x}})
 
     def recall(self) -> bool:
         """A question about the FIRST item of a kind named in the conversation; False when there is none."""
@@ -529,9 +549,11 @@ def _scenario(w: Writer, scenario: str) -> None:
         raise ValueError(f"unknown scenario {scenario!r}; expected one of {', '.join(SCENARIOS)}")
 
 
-def sample_conversation(rng: np.random.Generator, scenario: str, wording: str = "train", follow: bool = False) -> list[dict[str, Any]]:
-    """One conversation ending with `scenario`'s exchange (`follow`: one more ordinary exchange after it)."""
-    w = Writer(rng, wording)
+def sample_conversation(rng: np.random.Generator, scenario: str, wording: str = "train", follow: bool = False,
+                        three: float = 0.2) -> list[dict[str, Any]]:
+    """One conversation ending with `scenario`'s exchange (`follow`: one more ordinary exchange after it;
+    `three`: how often a several-outputs request asks for three)."""
+    w = Writer(rng, wording, three)
     _setup(w, scenario)
     _scenario(w, scenario)
     if follow:
@@ -540,11 +562,13 @@ def sample_conversation(rng: np.random.Generator, scenario: str, wording: str = 
     return w.turns
 
 
-def sample_conversations(n: int, seed: int, *, wording: str = "train", scenarios=SCENARIOS) -> list[list[dict[str, Any]]]:
+def sample_conversations(n: int, seed: int, *, wording: str = "train", scenarios=SCENARIOS, three: float = 0.2) -> list[list[dict[str, Any]]]:
     """n training conversations ending with the `scenarios` in turn (every scenario equally often by
-    default; name one several times to weight it); a third go on for one more exchange."""
+    default; name one several times to weight it); a third go on for one more exchange. `three`: how
+    often a several-outputs request asks for three outputs rather than two."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), _STREAM[wording]]))
-    return [sample_conversation(rng, scenarios[i % len(scenarios)], wording, follow=rng.random() < 0.33) for i in range(int(n))]
+    return [sample_conversation(rng, scenarios[i % len(scenarios)], wording, follow=rng.random() < 0.33, three=three)
+            for i in range(int(n))]
 
 
 def sample_scenarios(scenario: str, n: int, seed: int, *, wording: str = "eval") -> list[list[dict[str, Any]]]:
