@@ -46,8 +46,6 @@ from training.world.spec import (
     COLOURS,
     DIRECTIONS,
     PITCHES,
-    SHAPES,
-    TIMBRES,
     VOCABULARY,
     AudioSpec,
     ImageSpec,
@@ -57,6 +55,7 @@ from training.world.spec import (
 )
 
 SCENARIOS = ("edit", "convert", "refer", "multi", "chat-create", "recall", "ask", "attach")
+THREE = 0.2  # how often a several-outputs request asks for three outputs (else two); the evaluation's share
 _STREAM = {"train": 5, "eval": 8}  # random streams (pairs 0-2, dialogs 3, evaluate 7)
 NOUN = {"image": "picture", "audio": "sound", "video": "video"}
 
@@ -281,7 +280,7 @@ class Writer:
 
     rng: np.random.Generator
     wording: str = "train"
-    three: float = 0.2  # how often a several-outputs request asks for three (else two)
+    three: float = THREE
     turns: list[dict[str, Any]] = field(default_factory=list)
     items: list[Item] = field(default_factory=list)
 
@@ -418,8 +417,7 @@ class Writer:
         x = getattr(item.spec, key)
         o = ""
         if self.wording != "eval":  # the evaluation's random stream stays as it was
-            values = {"colour": list(COLOURS), "shape": SHAPES, "direction": DIRECTIONS, "pitch": list(PITCHES), "timbre": TIMBRES}[key]
-            o = " or ".join(self.rng.permutation([x, self.other(values, x)]))
+            o = " or ".join(self.rng.permutation([x, self.other(VOCABULARY[key], x)]))
         self.exchange("ask", self.say(f"ask.{key}", o=o), self.say(f"answer.{key}", user=False, x=x), extra={"answer": {key: x}})
 
     def recall(self) -> bool:
@@ -550,7 +548,7 @@ def _scenario(w: Writer, scenario: str) -> None:
 
 
 def sample_conversation(rng: np.random.Generator, scenario: str, wording: str = "train", follow: bool = False,
-                        three: float = 0.2) -> list[dict[str, Any]]:
+                        three: float = THREE) -> list[dict[str, Any]]:
     """One conversation ending with `scenario`'s exchange (`follow`: one more ordinary exchange after it;
     `three`: how often a several-outputs request asks for three)."""
     w = Writer(rng, wording, three)
@@ -562,7 +560,7 @@ def sample_conversation(rng: np.random.Generator, scenario: str, wording: str = 
     return w.turns
 
 
-def sample_conversations(n: int, seed: int, *, wording: str = "train", scenarios=SCENARIOS, three: float = 0.2) -> list[list[dict[str, Any]]]:
+def sample_conversations(n: int, seed: int, *, wording: str = "train", scenarios=SCENARIOS, three: float = THREE) -> list[list[dict[str, Any]]]:
     """n training conversations ending with the `scenarios` in turn (every scenario equally often by
     default; name one several times to weight it); a third go on for one more exchange. `three`: how
     often a several-outputs request asks for three outputs rather than two."""
