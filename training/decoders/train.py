@@ -14,6 +14,9 @@ end; no pickle), each seeded (step s of a stage draws everything from a generato
               (classifier-free guidance), EMA
   unet_audio  AudioLDM UNet (class-embedding conditioning), same objective, on 64-frame crops
   unet_video  UNet3DConditionModel on 8-frame 32-px clips, same objective
+  unet_video_more  the same UNet trained on from unet_video's EMA weights (a second cosine cycle):
+              800 steps leave the shapes blurred (shape 63 % by the analyzer); its own stage, so the
+              committed pipeline can be trained on with `--from weights/small` without redoing the rest
 
 Then each modality's pipeline is assembled (EMA weights) and written with `save_pretrained`
 (safetensors) into `--out/<modality>` (default weights/small; with --smoke, a folder under --work).
@@ -45,7 +48,7 @@ MODALITIES = ("image", "audio", "video")
 STAGES_FOR = {
     "image": ("text_clip", "vae_image", "unet_image"),
     "audio": ("text_clap", "vae_audio", "unet_audio"),
-    "video": ("text_clip", "vae_image", "unet_video"),
+    "video": ("text_clip", "vae_image", "unet_video", "unet_video_more"),
 }
 SEED = 1234
 P_UNCOND = 0.1
@@ -73,6 +76,7 @@ class Recipe:
     unet_image: StageRecipe
     unet_audio: StageRecipe
     unet_video: StageRecipe
+    unet_video_more: StageRecipe
 
     def stage(self, name: str) -> StageRecipe:
         return getattr(self, name)
@@ -90,6 +94,7 @@ FULL_RECIPE = Recipe(
     # and those are where the frame order (which end a motion starts from) must be decided;
     # trained with min-SNR, the video UNet learned each motion's axis but took its sign from the noise
     unet_video=StageRecipe(800, 8, 1e-3, weighting="uniform"),
+    unet_video_more=StageRecipe(2000, 8, 1e-3, weighting="uniform"),
 )
 SMOKE_RECIPE = Recipe(
     arch=B.SMOKE,
@@ -100,6 +105,7 @@ SMOKE_RECIPE = Recipe(
     unet_image=StageRecipe(16, 8, 2e-3, warmup=2),
     unet_audio=StageRecipe(16, 8, 2e-3, warmup=2),
     unet_video=StageRecipe(10, 2, 2e-3, warmup=2, weighting="uniform"),
+    unet_video_more=StageRecipe(10, 2, 2e-3, warmup=2, weighting="uniform"),
 )
 
 
@@ -391,6 +397,7 @@ class Trainer:
         self._done: dict[str, dict[str, torch.nn.Module]] = {}
         self._tok: dict[str, Any] = {}
         self.stop_after: int | None = None  # for tests: interrupt each stage after this many steps
+        self.loaded: dict[str, dict] = {}  # stage → its record in the saved pipeline it was loaded from (load_saved)
 
     # -- helpers
     def ckpt(self, stage: str) -> Path:
@@ -400,7 +407,7 @@ class Trainer:
         """What a stage's checkpoint must match besides its recipe: the sizes, and for stages that
         read text, the tokenizer (a checkpoint trained on other token ids is started over)."""
         config = {"arch": B.arch_dict(self.arch), "stage": stage}
-        kind = {"text_clip": "clip", "unet_image": "clip", "unet_video": "clip", "text_clap": "roberta", "unet_audio": "roberta"}
+        kind = {"text_clip": "clip", "unet_image": "clip", "unet_video": "clip", "unet_video_more": "clip", "text_clap": "roberta", "unet_audio": "roberta"}
         if stage in kind:
             config["tokenizer"] = B.tokenizer_fingerprint(self.tokenizer(kind[stage]))
         return config
@@ -620,9 +627,8 @@ class Trainer:
 
         return self._run("unet_image", {"unet": unet}, loss_fn, ema=True)["unet"]
 
-    def unet_video(self):
-        if "unet_video" in self._done:
-            return self._done["unet_video"]["unet"]
+    def _video_data(self):
+        """(latents (N, C, F, h, w), caption conditions, the empty caption's, caption → clip index)."""
         vae = self.vae_image()
         a = self.arch
         specs = D.video_specs(a.video_frames)
@@ -633,23 +639,35 @@ class Trainer:
         # the video pipeline shares the image VAE (and its scaling); the scale of its own latents
         # differs little, and one scaling keeps the two pipelines' VAEs identical
         scale = self.set_scaling(vae, self.latents(vae, torch.from_numpy(D.image_array_batch(D.image_specs(), a.image_side))))
-        z = z * scale
         bank = D.caption_bank("video", specs)
-        cond = self.embed("clip", bank.texts)
-        uncond = self.embed("clip", [""])
-        torch.manual_seed(self.seed + 5)
-        unet = B.video_unet(a)
-        r = self.recipe.unet_video
-        owner = torch.from_numpy(bank.owner)
+        return z * scale, self.embed("clip", bank.texts), self.embed("clip", [""]), torch.from_numpy(bank.owner)
+
+    def _train_video(self, name: str, unet):
+        z, cond, uncond, owner = self._video_data()
+        r = self.recipe.stage(name)
 
         def loss_fn(step, gen):
-            k = torch.randint(0, len(bank.texts), (r.batch,), generator=gen)
+            k = torch.randint(0, len(cond), (r.batch,), generator=gen)
             c = self._drop(cond[k], uncond, gen)
             return self._diffusion_loss(
                 unet, z[owner[k]], gen, lambda xt, t: unet(xt, t, encoder_hidden_states=c).sample, r.weighting
             )
 
-        return self._run("unet_video", {"unet": unet}, loss_fn, ema=True)["unet"]
+        return self._run(name, {"unet": unet}, loss_fn, ema=True)["unet"]
+
+    def unet_video(self):
+        if "unet_video" in self._done:
+            return self._done["unet_video"]["unet"]
+        torch.manual_seed(self.seed + 5)
+        return self._train_video("unet_video", B.video_unet(self.arch))
+
+    def unet_video_more(self):
+        if "unet_video_more" in self._done:
+            return self._done["unet_video_more"]["unet"]
+        first = self.unet_video()
+        if not self.finished("unet_video"):  # interrupted (stop_after): nothing to go on from yet
+            return first
+        return self._train_video("unet_video_more", copy.deepcopy(first).requires_grad_(True))
 
     def unet_audio(self):
         if "unet_audio" in self._done:
@@ -677,13 +695,39 @@ class Trainer:
 
         return self._run("unet_audio", {"unet": unet}, loss_fn, ema=True)["unet"]
 
+    # -- going on from saved pipelines
+    def load_saved(self, modality: str, root: Path) -> list[str]:
+        """Take the stages that the pipeline saved in `root/<modality>` holds (its nextgpt_world.json) as
+        finished: its text encoder, VAE and UNet, so that `train` runs only the stages after them (the
+        committed video pipeline + `unet_video_more`). Returns the stages loaded."""
+        import diffusers
+
+        import tools.world.vocoder  # noqa: F401 - the audio pipeline's vocoder class
+        from tools.base import _quiet_loading
+
+        folder = Path(root) / modality
+        try:
+            stamp = json.loads((folder / "nextgpt_world.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{folder} holds no saved world pipeline (nextgpt_world.json: {e})") from None
+        if B.arch_from_dict(stamp.get("arch", {})) != self.arch:
+            raise ValueError(f"{folder} was trained at other sizes than this recipe's ({stamp.get('arch')})")
+        with _quiet_loading():
+            pipe = diffusers.DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+        holds = {"text_clip": {"text": pipe.text_encoder}, "text_clap": {"text": pipe.text_encoder},
+                 "vae_image": {"vae": pipe.vae}, "vae_audio": {"vae": pipe.vae}}  # fmt: skip
+        loaded = [s for s in STAGES_FOR[modality] if s in stamp.get("stages", {})]
+        for s in loaded:
+            self._done[s] = holds.get(s, {"unet": pipe.unet})  # the last UNet stage saved is the pipeline's
+            self.loaded[s] = stamp["stages"][s]
+        return loaded
+
     # -- assembly
     def parts(self, modality: str) -> B.Parts:
         if modality == "image":
             return B.Parts(self.tokenizer("clip"), self.text_clip(), self.vae_image(), self.unet_image())
         if modality == "video":
-            unet = self.unet_video()
-            return B.Parts(self.tokenizer("clip"), self.text_clip(), self.vae_image(), unet)
+            return B.Parts(self.tokenizer("clip"), self.text_clip(), self.vae_image(), self.unet_video_more())
         if modality == "audio":
             return B.Parts(self.tokenizer("roberta"), self.text_clap(), self.vae_audio(), self.unet_audio(), self.vocoder())
         raise ValueError(modality)
@@ -710,15 +754,20 @@ class Trainer:
             "seed": self.seed,
             "arch": B.arch_dict(self.arch),
             "recipe": {s: asdict(self.recipe.stage(s)) for s in STAGES_FOR[modality]},
-            "stages": {s: {"steps": self.results[s].steps, "seconds": round(self.results[s].seconds, 1),
-                           "final_loss": self.results[s].losses[-1] if self.results[s].losses else None}
-                       for s in STAGES_FOR[modality] if s in self.results},
+            "stages": {s: self.loaded[s] if s in self.loaded else
+                       {"steps": self.results[s].steps, "seconds": round(self.results[s].seconds, 1),
+                        "final_loss": self.results[s].losses[-1] if self.results[s].losses else None}
+                       for s in STAGES_FOR[modality] if s in self.results or s in self.loaded},
         }
 
         def write(tmp: Path) -> None:
             with _quiet_loading(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 pipe.save_pretrained(tmp, safe_serialization=True)
+            for config in tmp.glob("*/config.json"):  # parts loaded with --from name the folder they came from: not kept
+                c = json.loads(config.read_text())
+                if c.pop("_name_or_path", None) is not None:
+                    config.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
             (tmp / "nextgpt_world.json").write_text(json.dumps(stamp, indent=1) + "\n")
 
         _atomic_dir_write(target, write)
@@ -744,8 +793,10 @@ def train(
     threads: int | None = 1,
     stop_after: int | None = None,
     save_every: float = 60.0,
+    start_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Train (resume) and save the decoders; returns {"trainer", "saved": {modality: path}}."""
+    """Train (resume) and save the decoders; returns {"trainer", "saved": {modality: path}}. `start_from`:
+    a folder of saved pipelines (weights/small) whose finished stages are loaded instead of trained."""
     if threads:
         torch.set_num_threads(int(threads))
     recipe = SMOKE_RECIPE if smoke else FULL_RECIPE
@@ -758,6 +809,8 @@ def train(
     t0 = time.monotonic()
     try:
         for m in modalities:
+            if start_from is not None:
+                trainer.reporter.log(f"{m}: stages loaded from {Path(start_from) / m}: {', '.join(trainer.load_saved(m, start_from))}")
             parts = trainer.train(m)
             if parts is not None:
                 saved[m] = trainer.save(m, parts, Path(out))
@@ -783,6 +836,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=SEED)
     t.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     t.add_argument("--quiet", action="store_true")
+    t.add_argument("--from", dest="start_from", type=Path, default=None, metavar="DIR",
+                   help="go on from the pipelines saved in DIR (e.g. weights/small): the stages they hold are loaded, "
+                        "only the later ones trained (the committed video pipeline → unet_video_more)")
     e = sub.add_parser("eval", help="generate from canonical captions through the decoder tools and score")
     from training.decoders.evaluate import add_arguments
 
@@ -794,7 +850,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         mods = MODALITIES if args.modality == "all" else (args.modality,)
-        train(mods, smoke=args.smoke, work=args.work, out=args.out, seed=args.seed, quiet=args.quiet, threads=args.threads or None)
+        train(mods, smoke=args.smoke, work=args.work, out=args.out, seed=args.seed, quiet=args.quiet, threads=args.threads or None,
+              start_from=args.start_from)
         return 0
     from training.decoders.evaluate import run_from_args
 
