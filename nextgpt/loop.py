@@ -36,6 +36,18 @@ if TYPE_CHECKING:
 RESTATE_LEAD = "Here is "
 _LEADING_LINK = re.compile(r"^[\s,;:&+]*(?:(?:and|also|then|plus|as well as)\b[\s,]*)*", re.IGNORECASE)
 
+
+def restatement(words: str, first: bool) -> tuple[str, str] | None:
+    """A group's words re-read as a one-turn request (isolate_groups="restated"/"restated_all"): (what the
+    user says: the words without their leading "and"/","; the reply: RESTATE_LEAD + them, or the words
+    as written for a reply's `first` group, whose words already open a reply). None when no words are left.
+    The projector refit reads its training states the same way (training.trainer.encode.restated_dialogs)."""
+    said = _LEADING_LINK.sub("", words).strip()
+    if not said:
+        return None
+    return said, (said if first else RESTATE_LEAD + said)
+
+
 @dataclass
 class Signal:
     """One modality request emitted by the LLM, projected into its decoder's conditioning space."""
@@ -365,11 +377,11 @@ class SignalLoop:
         are `words` (token ids), read as the only output of a one-turn conversation: user: the words without
         their leading "and"/","; assistant: RESTATE_LEAD + them (`first`: the words as written) + the group.
         [] when no words are left."""
-        said = _LEADING_LINK.sub("", self._text(words)).strip()
-        if not said:
+        restated = restatement(self._text(words), first)
+        if restated is None:
             return []
+        said, reply = restated
         inputs, keys = self.build_inputs([Message("user", said)])
-        reply = said if first else RESTATE_LEAD + said  # a reply's first words already open a reply
         tokens = self.tokenizer(reply, add_special_tokens=False)["input_ids"] + self.signal_ids[modality]
         side_cache = self._side_cache()  # not the conversation's: that one is left alone
         _, side = self._prefill(inputs, keys, side_cache)

@@ -178,6 +178,18 @@ def test_train_small_smoke(tmp_path, monkeypatch):
     assert load_checkpoint(out).meta["refit"]["isolated"] is True
     assert "fitted on the states generate reads" in (out / "README.md").read_text()
     assert len(list((work / "refit-states").glob("*.safetensors"))) > len(cached)
+    # a profile that reads every output restated (small's restated_all): refitted on the restated states
+    # by default (cached apart again), on the conversations' own with --contextual-refit
+    cfg["profiles"]["tiny"]["generation"]["isolate_groups"] = "restated_all"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    before = len(list((work / "refit-states").glob("*.safetensors")))
+    assert main(args + ["--stages", "9", "--refit", ",,4", "--config", str(tmp_path / "config.yaml")]) == 0
+    meta = load_checkpoint(out).meta["refit"]
+    assert meta["restated"] is True and meta["isolated"] is False
+    assert "re-read as a one-turn request" in (out / "README.md").read_text()
+    assert len(list((work / "refit-states").glob("*.safetensors"))) > before
+    assert main(args + ["--stages", "9", "--refit", ",,4", "--config", str(tmp_path / "config.yaml"), "--contextual-refit"]) == 0
+    assert load_checkpoint(out).meta["refit"]["restated"] is False
 
 
 @pytest.mark.slow

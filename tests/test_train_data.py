@@ -426,3 +426,34 @@ def test_isolated_later_groups_give_the_states_generate_reads(tiny_model):
     assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(mixed, want, atol=1e-3)  # read in the whole reply the state differs
     assert isolate_later_groups([whole]) == [whole]  # nothing left to take out
+
+
+def test_restated_dialogs_give_the_states_generate_reads(tiny_model):
+    """The refit's `restated_dialogs` (--restated-refit, for isolate_groups: restated_all): each output
+    becomes a one-turn dialog — user: its words (without the leading "and"), assistant: them as written
+    (the reply's first group) or "Here is" + them — whose states at the group are exactly those
+    `generate` reads for it (`_restated_states`)."""
+    from training.trainer import restated_dialogs
+
+    text = "a red circle and a high beep."
+    dialog = Dialog([Turn("user", "a picture and a sound"),
+                     Turn("assistant", text, outputs=[Output("image", "a red circle", at=len("a red circle")), Output("audio", "a high beep")])],
+                    source="t")  # fmt: skip
+    restated = restated_dialogs(dialog)
+    assert [(d.turns[0].text, d.turns[1].text, [(o.modality, o.caption, o.at) for o in d.outputs]) for d in restated] == [
+        ("a red circle", "a red circle", [("image", "a red circle", None)]),
+        ("a high beep.", "Here is a high beep.", [("audio", "a high beep", None)]),
+    ]
+    tok = tiny_model.tokenizer
+    enc = DialogEncoder(tok, tiny_model.template, tiny_model.system_prompt)
+    for d, (words, m, first) in zip(restated, [("a red circle", "image", True), (" and a high beep.", "audio", False)]):
+        e = enc.encode(d)
+        [(start, modality, caption)] = e.signals
+        with torch.inference_mode():
+            got = tiny_model(torch.tensor([e.input_ids]), signals={m: (torch.tensor([0]), torch.tensor([start]))}).states[m][0]
+            want = tiny_model._restated_states(tok.encode(words, add_special_tokens=False), m, first=first)
+        want = torch.stack(list(want)) if isinstance(want, (list, tuple)) else want
+        assert modality == m and torch.allclose(got, want.reshape(got.shape), atol=1e-5)
+    # an output with no words before it (back to back with the previous group) is left out
+    back_to_back = Dialog([Turn("user", "two"), Turn("assistant", "a red circle", outputs=[Output("image", "x"), Output("audio", "y")])])
+    assert [d.turns[1].text for d in restated_dialogs(back_to_back)] == ["a red circle"]

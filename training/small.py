@@ -46,6 +46,9 @@ Steps (every one deterministic, every one skipped when its output is already com
    `generation.isolate_groups` (small) and `--isolated-refit`, a reply's second and later groups are read
    as generate reads them: the context + the words since the previous group + the group
    (`isolate_later_groups`; measured no better than the default whole-reply states, session 14).
+   With `isolate_groups: restated_all` (small's), every output is fitted on the states generate reads
+   for it: its words re-read as a one-turn request (`restated_dialogs`; held-out L2 image 0.91 → 0.19,
+   video 0.41 → 0.10, session 25); `--contextual-refit` fits the conversations' own states instead.
 7. publish: the stage-3 checkpoint (nextgpt.safetensors, the LoRA adapter, meta.json; no optimizer
    state) into `--out` with a model card `README.md`; `--eval N` also runs `training.evaluate` on it
    and records the table in the card.
@@ -243,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--isolated-refit", action="store_true",
                    help="fit a reply's later signal groups on the states generate reads with the profile's isolate_groups "
                         "(default: on the whole reply's states, as the committed weights)")  # fmt: skip
+    p.add_argument("--contextual-refit", action="store_true",
+                   help="fit on the conversations' own states even when the profile's isolate_groups: restated_all reads "
+                        "every output from its words as a one-turn request (default then: those restated states, as the "
+                        "committed weights since session 25)")  # fmt: skip
     p.add_argument("--refit", metavar="DIALOGS,PAIRS,STEPS,VARIED,CONVERSATIONS,EMPHASIS,FRESH,FRESH2,FRESH3", help="override the refit sizes (empty fields keep the plan's)")
     p.add_argument("--publish-partial", action="store_true",
                    help="publish the latest saved checkpoint (of the furthest stage) to --out without training")  # fmt: skip
@@ -536,7 +543,7 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     from nextgpt.model import NextGPT
     from nextgpt.tokens import MODALITIES as SIGNALS
     from training.trainer import TargetCache, load_stage_data
-    from training.trainer.encode import Collator, DialogEncoder, isolate_later_groups
+    from training.trainer.encode import Collator, DialogEncoder, isolate_later_groups, restated_dialogs
     from training.trainer.features import MediaFeatures, encoder_key
 
     last = final_llm_stage(plan)
@@ -547,9 +554,14 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     # --isolated-refit, when the profile reads a reply's second and later groups apart (generation.isolate_groups):
     # fit on those states. Off by default: the committed weights were fitted on the whole reply's states, and
     # the isolated fit measured no better (133 vs 135 of 160 conversations, docs/small-weights.md session 14)
-    isolate = profile.generation.isolate_groups is True and args.isolated_refit  # ("restated" reads single-request states)
+    isolate = profile.generation.isolate_groups is True and args.isolated_refit
+    # when the profile reads every output from its words as a request of their own (isolate_groups:
+    # restated_all), fit on exactly those states (training.trainer.encode.restated_dialogs): held-out L2
+    # image 0.91 → 0.19, video 0.41 → 0.10 (session 25); --contextual-refit: the conversations' own states
+    restate = profile.generation.isolate_groups == "restated_all" and not getattr(args, "contextual_refit", False)
     done = json.loads((out / META_FILE).read_text()).get("refit", {}) if (out / META_FILE).is_file() else {}
-    if done.get("plan") == asdict(rp) and done.get("isolated", False) == isolate and not args.restart \
+    if done.get("plan") == asdict(rp) and done.get("isolated", False) == isolate and done.get("restated", False) == restate \
+            and not args.restart \
             and (out / "stage3-step").read_text().strip() == marker:  # fmt: skip
         _say("refit: complete, skipped")
         return out
@@ -586,13 +598,14 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
         if not records:
             continue
         parts = [llm_digest, _digest(paths), len(records), plan.stages[last].max_length, Path(args.targets_dir).name]
-        key = hashlib.sha256(json.dumps(parts + (["isolated"] if isolate else [])).encode()).hexdigest()[:12]
+        key = hashlib.sha256(json.dumps(parts + (["isolated"] if isolate else []) + (["restated"] if restate else [])).encode()).hexdigest()[:12]
         saved = work / "refit-states" / f"{name}-{key}.safetensors"
         if saved.is_file():
             part = load_file(str(saved))
             _say(f"refit: signal states of the {len(records)} {name} from {saved}")
         else:
-            examples = [e for e in (enc.encode(r) for r in records) if e is not None and e.signals]
+            read = [d for r in records for d in restated_dialogs(r)] if restate else records
+            examples = [e for e in (enc.encode(r) for r in read) if e is not None and e.signals]
             if isolate:  # a reply's later groups as generate(isolate_groups=True) reads them
                 examples = isolate_later_groups(examples)
             needed = [(m, cap) for e in examples for _, m, cap in e.signals if cap]
@@ -671,11 +684,11 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
         tensors[f"output_projectors.{k}"] = v.detach().float().cpu().contiguous()
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     meta = json.loads((src / META_FILE).read_text())
-    meta["refit"] = {"plan": asdict(rp), "isolated": isolate, "examples": {k: len(v[0]) for k, v in sources.items()}, "report": report}
+    meta["refit"] = {"plan": asdict(rp), "isolated": isolate, "restated": restate, "examples": {k: len(v[0]) for k, v in sources.items()}, "report": report}
     (out / "stage3-step").write_text(f"{marker}\n")
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     seconds = round(time.perf_counter() - t0, 1)
-    state["refit"] = {"seconds": seconds, "states_seconds": round(t_states, 1), "report": report, "isolated": isolate, **asdict(rp)}
+    state["refit"] = {"seconds": seconds, "states_seconds": round(t_states, 1), "report": report, "isolated": isolate, "restated": restate, **asdict(rp)}
     _save_state(work, state)
     _say(f"refit: done in {seconds / 60:.1f} min → {out}")
     return out
@@ -780,6 +793,9 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
         stage8 = (f" + {refit['fresh2']} of stage 8's" if refit.get("fresh2") else "") + (f" + {refit['fresh3']} of stage 9's" if refit.get("fresh3") else "")
         isolated = (" A reply's second and later signal groups are fitted on the states generate reads for them"
                     " (`generation.isolate_groups`: the context + the words since the previous group + the group).") if refit.get("isolated") else ""  # fmt: skip
+        if refit.get("restated"):
+            isolated = (" Every output is fitted on the states generate reads for it with `generation.isolate_groups: restated_all`:"
+                        " its words re-read as a one-turn request (user: the words; reply: them, or \"Here is\" + them, + the group).")  # fmt: skip
         refit_text = (
             f"Projector refit on the final LLM's signal states: {refit['dialogs']} stage-3 dialogs + {refit.get('varied', 0)} dialogs with "
             f"varied, partial request wordings + {refit.get('conversations', 0)} multi-turn conversations + {refit.get('emphasis', 0)} conversations weighted to several outputs + {refit.get('fresh', 0)} of stage 7's conversations{stage8} + {refit['pairs']} pairs per modality, "

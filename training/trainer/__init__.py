@@ -13,7 +13,7 @@ decoder tools and passes them in.
 """
 
 from training.trainer.data import DataError, Dialog, Output, Pair, Turn, load_stage_data, read_dialogs_file, read_pairs_file
-from training.trainer.encode import Collator, DialogEncoder, Example, TemplateError, align_target, isolate_later_groups
+from training.trainer.encode import Collator, DialogEncoder, Example, TemplateError, align_target, isolate_later_groups, restated_dialogs
 from training.trainer.targets import TargetCache, caption_key
 from training.trainer.trainer import STAGE_GROUPS, TrainConfig, Trainer, TrainError, TrainResult, make_accelerator
 
@@ -36,6 +36,7 @@ __all__ = [
     "align_target",
     "caption_key",
     "isolate_later_groups",
+    "restated_dialogs",
     "load_stage_data",
     "make_accelerator",
     "read_dialogs_file",

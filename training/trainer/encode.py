@@ -33,7 +33,7 @@ import torch
 
 from nextgpt import templates
 from nextgpt.tokens import MEDIA_END, MEDIA_START, MODALITIES
-from training.trainer.data import Dialog
+from training.trainer.data import Dialog, Output, Turn
 
 IGNORE = -100
 
@@ -210,6 +210,27 @@ def isolate_later_groups(examples: list[Example]) -> list[Example]:
             ))  # fmt: skip
         out.append(Example(e.input_ids, e.labels, e.media, kept, e.source) if len(kept) < len(e.signals) else e)
         out += extra
+    return out
+
+
+def restated_dialogs(dialog: Dialog) -> list[Dialog]:
+    """Each output of the dialog as `generate(isolate_groups="restated_all")` reads its signal states: in
+    a one-turn dialog of its own, the user saying the reply's words since the previous group and the
+    reply restating them + the group (`nextgpt.loop.restatement`, the rule inference applies), so the
+    projector refit fits the states inference feeds it. Outputs with no words before them are left out."""
+    from nextgpt.loop import restatement
+
+    out = []
+    for turn in dialog.turns:
+        done = 0
+        for k, o in enumerate(turn.outputs):
+            at = len(turn.text) if o.at is None else max(done, min(o.at, len(turn.text)))
+            restated = restatement(turn.text[done:at], first=k == 0)
+            done = at
+            if restated is not None:
+                said, reply = restated
+                out.append(Dialog([Turn("user", said), Turn("assistant", reply, outputs=[Output(o.modality, o.caption)])],
+                                  source=f"{dialog.source} (restated output {k + 1})"))  # fmt: skip
     return out
 
 
