@@ -223,8 +223,7 @@ def restated_dialogs(dialog: Dialog) -> list[Dialog]:
     out = []
     for turn in dialog.turns:
         done = 0
-        for k, o in enumerate(turn.outputs):
-            at = len(turn.text) if o.at is None else max(done, min(o.at, len(turn.text)))
+        for k, (o, at) in enumerate(zip(turn.outputs, group_offsets(turn.text, turn.outputs))):
             restated = restatement(turn.text[done:at], first=k == 0)
             done = at
             if restated is not None:
@@ -238,11 +237,20 @@ def with_signals(text: str, outputs) -> str:
     """The reply as the model writes it: each output's signal group where it is mentioned
     (`Output.at`, a character offset) or, by default, at the end, in the order of the outputs."""
     pieces, done = [], 0
-    for o in outputs:
-        at = len(text) if o.at is None else max(done, min(o.at, len(text)))
+    for o, at in zip(outputs, group_offsets(text, outputs)):
         pieces += [text[done:at], "".join(MODALITIES[o.modality].signal_tokens)]
         done = at
     return "".join(pieces) + text[done:]
+
+
+def group_offsets(text: str, outputs) -> list[int]:
+    """Where in `text` each output's signal group goes: its `Output.at`, kept in order and inside the
+    text, or the end (with_signals writes the groups there; restated_dialogs reads the words before them)."""
+    offsets, done = [], 0
+    for o in outputs:
+        done = len(text) if o.at is None else max(done, min(o.at, len(text)))
+        offsets.append(done)
+    return offsets
 
 
 def align_target(t: torch.Tensor, q: int) -> torch.Tensor:
