@@ -175,14 +175,15 @@ W_TRAIN: dict[str, tuple[str, ...]] = {
     "create.video": ("Make a movie of {c}.", "I want a clip of {c}.", "can u animate {c}", "Make an animation of {c}.",
                      "Film {c}.", "a short video of {c} please", "Could you render {c} as a video?", "Video of {c}, please."),
     # questions about an attachment as users ask them (what a clip shows is the whole description,
-    # direction included, whatever the question's words); none near the evaluation's wordings
-    "describe.ask.image": ("what's shown here?", "What does this image contain?", "Explain this picture.",
-                           "what am I looking at?", "Can u describe this pic?", "What is going on in this image?"),
-    "describe.ask.audio": ("What is this noise?", "Explain this audio.", "What am I hearing?",
-                           "can u describe this audio?", "What is playing here?"),
-    "describe.ask.video": ("What is going on here?", "Explain this video.", "what's happening in this clip?",
-                           "Which thing moves, and which way?", "can u describe this vid?", "what does this clip show?",
-                           "Which shape is moving in this clip?", "What is in this video?"),
+    # direction included, whatever the question's words); none a paraphrase of a held-out wording
+    # ("what's going on in this clip?", "what can you hear in this?", …) or of training.evaluate's
+    "describe.ask.image": ("What does this image contain?", "Explain this picture.", "what am I looking at?",
+                           "Can u describe this pic?", "Identify the shape in this image."),
+    "describe.ask.audio": ("What is this noise?", "Explain this audio.", "can u describe this audio?",
+                           "Identify this tone.", "What is playing here?"),
+    "describe.ask.video": ("Explain this video.", "Which thing moves, and which way?", "can u describe this vid?",
+                           "what does this clip show?", "Which shape is moving in this clip?", "What is in this video?",
+                           "Identify the moving shape and its direction."),
     "part.image": ("sketch {c}", "illustrate {c}", "do a drawing of {c}", "make an image of {c}",
                    "render {c}", "give me a picture of {c}", "create an image of {c}", "put {c} in a picture"),
     "part.audio": ("play me {c}", "make me {c}", "add {c}", "play {c} as well",
