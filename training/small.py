@@ -81,7 +81,7 @@ from pathlib import Path
 
 PROG = "python -m training.small"
 STATE_FILE = "state.json"
-DATA_FORMAT = 6  # 6: + training-only questions about an attachment ("what is going on here?"); 5: + either/or questions ("red or blue?") and three-output wordings; 4: + training-only questions ("colour?", "do you recall …") and question-shaped edits ("could it be blue?"); 3: + training-only request wordings (W_TRAIN); 2: a reply with several outputs puts each signal group after the words naming it (1: all at the end)
+DATA_FORMAT = 6  # 6: + training-only questions about an attachment ("Which thing moves, and which way?"); 5: + either/or questions ("red or blue?") and three-output wordings; 4: + training-only questions ("colour?", "do you recall …") and question-shaped edits ("could it be blue?"); 3: + training-only request wordings (W_TRAIN); 2: a reply with several outputs puts each signal group after the words naming it (1: all at the end)
 TRAIN_SEEDS = {"pairs": 1, "dialogs": 2, "refit_dialogs": 4, "conversations": 5, "emphasis": 6, "fresh": 7, "fresh2": 8, "fresh3": 9}
 # stage 5's conversations: every scenario, "multi" (two or three outputs in one reply) four times as often,
 # the ones the eval found weakest after stage 4 (edit, refer, recall, attach) twice
@@ -558,7 +558,7 @@ def refit_projectors(work: Path, plan: Plan, rp: RefitPlan, files: dict[str, Pat
     # when the profile reads every output from its words as a request of their own (isolate_groups:
     # restated_all), fit on exactly those states (training.trainer.encode.restated_dialogs): held-out L2
     # image 0.91 → 0.19, video 0.41 → 0.10 (session 25); --contextual-refit: the conversations' own states
-    restate = profile.generation.isolate_groups == "restated_all" and not getattr(args, "contextual_refit", False)
+    restate = profile.generation.isolate_groups == "restated_all" and not args.contextual_refit
     done = json.loads((out / META_FILE).read_text()).get("refit", {}) if (out / META_FILE).is_file() else {}
     if done.get("plan") == asdict(rp) and done.get("isolated", False) == isolate and done.get("restated", False) == restate \
             and not args.restart \
@@ -791,16 +791,19 @@ def write_card(dst: Path, state: dict, plan: Plan, info: dict, profile_name: str
         lines = [f"| {m} | {r['examples']} | {r['val_l2_before']} | {r['val_l2_after']} | {r['val_l2_predicting_the_mean']} |"
                  for m, r in refit.get("report", {}).items()]  # fmt: skip
         stage8 = (f" + {refit['fresh2']} of stage 8's" if refit.get("fresh2") else "") + (f" + {refit['fresh3']} of stage 9's" if refit.get("fresh3") else "")
-        isolated = (" A reply's second and later signal groups are fitted on the states generate reads for them"
-                    " (`generation.isolate_groups`: the context + the words since the previous group + the group).") if refit.get("isolated") else ""  # fmt: skip
-        if refit.get("restated"):
-            isolated = (" Every output is fitted on the states generate reads for it with `generation.isolate_groups: restated_all`:"
-                        " its words re-read as a one-turn request (user: the words; reply: them, or \"Here is\" + them, + the group).")  # fmt: skip
+        if refit.get("restated"):  # which states the projectors were fitted on (default: the whole reply's)
+            states = (" Every output is fitted on the states generate reads for it with `generation.isolate_groups: restated_all`:"
+                      " its words re-read as a one-turn request (user: the words; reply: them, or \"Here is\" + them, + the group).")  # fmt: skip
+        elif refit.get("isolated"):
+            states = (" A reply's second and later signal groups are fitted on the states generate reads for them"
+                      " (`generation.isolate_groups`: the context + the words since the previous group + the group).")  # fmt: skip
+        else:
+            states = ""
         refit_text = (
             f"Projector refit on the final LLM's signal states: {refit['dialogs']} stage-3 dialogs + {refit.get('varied', 0)} dialogs with "
             f"varied, partial request wordings + {refit.get('conversations', 0)} multi-turn conversations + {refit.get('emphasis', 0)} conversations weighted to several outputs + {refit.get('fresh', 0)} of stage 7's conversations{stage8} + {refit['pairs']} pairs per modality, "
             f"{refit['steps']} steps × batch {refit['batch_size']}, lr {refit['lr']:g}; {refit['seconds'] / 60:.1f} min "
-            f"({refit['states_seconds'] / 60:.1f} of them computing the states).{isolated} Held-out L2 (per query token):\n\n"
+            f"({refit['states_seconds'] / 60:.1f} of them computing the states).{states} Held-out L2 (per query token):\n\n"
             "| modality | groups | before | after | predicting the mean |\n|---|---|---|---|---|\n" + "\n".join(lines)
         )
     else:
