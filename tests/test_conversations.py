@@ -1,5 +1,6 @@
 """Multi-turn MosIT conversations (training.world.conversations) and their scoring (`nextgpt eval --dialogs`)."""
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -35,6 +36,24 @@ def test_an_edit_changes_one_attribute_and_keeps_the_rest():
         assert gpt["captions"][0] in gpt["value"]
         two += len(changed) == 2
     assert two  # "make it blue and bigger" happens too
+
+
+def test_a_training_edit_sometimes_asks_for_a_new_output_too():
+    """"make it smaller, and also play a low buzz": the edited output and then the new one, each signal
+    group after the words naming it; the evaluation's edits stay single (its random stream unchanged)."""
+    plus = 0
+    for turns in sample_scenarios("edit", 120, seed=5, wording="train"):
+        human, gpt = _last(turns)
+        if len(gpt["outputs"]) == 1:
+            continue
+        plus += 1
+        edited, more = gpt["outputs"]
+        assert len(gpt["captions"]) == 2 and gpt["captions"][1] in human["value"]  # the new output is asked for
+        marks = re.findall(r"<(image|audio|video)>", gpt["value"])
+        assert marks == [edited.modality, more.modality] and gpt["value"].endswith(f"<{more.modality}>")
+        assert gpt["value"].index(gpt["captions"][0]) < gpt["value"].index(f"<{edited.modality}>")
+    assert plus >= 5
+    assert all(len(t[-1]["outputs"]) == 1 for t in sample_scenarios("edit", 60, seed=5, wording="eval"))
 
 
 def test_the_first_item_is_what_recall_answers():

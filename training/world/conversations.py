@@ -55,6 +55,7 @@ from training.world.spec import (
 )
 
 SCENARIOS = ("edit", "convert", "refer", "multi", "chat-create", "recall", "ask", "attach")
+EDIT_PLUS = 0.15  # how often a training edit also asks for a new output ("make it blue, and play a beep")
 THREE = 0.2  # how often a several-outputs request asks for three outputs (else two); the evaluation's share
 _STREAM = {"train": 5, "eval": 8}  # random streams (pairs 0-2, dialogs 3, evaluate 7)
 NOUN = {"image": "picture", "audio": "sound", "video": "video"}
@@ -231,6 +232,12 @@ W_TRAIN: dict[str, tuple[str, ...]] = {
                          "first {r} direction?"),
 }
 
+# An edit of the last output and a new output in one message, training only (a = the edit, b = the
+# new part, p = the edit's end: "?" or "."); none the held-out several-outputs wordings ("{a} plus {b}",
+# ", and also")
+EDIT_PLUS_JOIN = ("{a}, and {b}", "{a} and {b} too", "{a}{p} Also {b}.", "{a}, then {b}", "{a}; and {b}",
+                  "{a}, and then {b}", "{a}{p} And {b} as well.", "{a}, and can you {b}")
+
 
 CHAT_REPLY = {
     "Hello!": "Hello! I can describe pictures, sounds and videos of simple shapes, and make new ones.",
@@ -375,9 +382,21 @@ class Writer:
             request = self.say(f"edit.{what}", x=x, r=_referent(item))
         out = Item(new, new_keys, True)
         d = " and ".join(_change_words(w, new, said=True) for w in whats)
-        self.exchange("refer" if refer else "edit", request, self.say("edited", user=False, d=d, c=out.words),
-                      outputs=[new], captions=[out.words], extra={"changed": whats[0] if len(whats) == 1 else whats})  # fmt: skip
-        self.items.append(out)
+        reply, outs = self.say("edited", user=False, d=d, c=out.words), [out]
+        # training only (the evaluation's random stream stays as it was): an edit and a new output in
+        # one message, "make it smaller, and also play a low buzz"; the edited output's signal group
+        # right after the words naming it, the new one's at the end (as in several-outputs replies)
+        if self.wording != "eval" and refer is None and len(whats) == 1 and self.rng.random() < EDIT_PLUS:
+            m = self.pick(("image", "audio", "video"))
+            more = Item(sample_spec(m, self.rng), self.pick(CREATE_KEYS[m]), True)
+            request = self.pick(EDIT_PLUS_JOIN).format(a=request.rstrip(".!?"), b=self.say(f"part.{m}", c=more.words),
+                                                         p="?" if request.endswith("?") else ".")
+            said = self.say(f"said.{m}", user=False, c=more.words)
+            reply = f"{reply.rstrip('.')} <{new.modality}> and {said[0].lower() + said[1:]}. <{m}>"
+            outs.append(more)
+        self.exchange("refer" if refer else "edit", request, reply, outputs=[o.spec for o in outs], captions=[o.words for o in outs],
+                      extra={"changed": whats[0] if len(whats) == 1 else whats})  # fmt: skip
+        self.items += outs
         return out
 
     def convert(self) -> Item:
