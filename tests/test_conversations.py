@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from training.world.conversations import SCENARIOS, W, W_TRAIN, sample_conversations, sample_scenarios
+from training.world.conversations import EDIT_PLUS_HELD, EDIT_PLUS_JOIN, SCENARIOS, W, W_TRAIN, sample_conversations, sample_scenarios
 from training.world.spec import AudioSpec, ImageSpec, VideoSpec
 
 
@@ -54,6 +54,12 @@ def test_a_training_edit_sometimes_asks_for_a_new_output_too():
         assert gpt["value"].index(gpt["captions"][0]) < gpt["value"].index(f"<{edited.modality}>")
     assert plus >= 5
     assert all(len(t[-1]["outputs"]) == 1 for t in sample_scenarios("edit", 60, seed=5, wording="eval"))
+    # the evaluation's "edit-plus": always both, joined by wordings the training never uses
+    assert not set(EDIT_PLUS_HELD) & set(EDIT_PLUS_JOIN)
+    for turns in sample_scenarios("edit-plus", 30, seed=5, wording="eval"):
+        human, gpt = _last(turns)
+        before = next(t["outputs"][-1] for t in reversed(turns[:-2]) if t.get("outputs"))
+        assert len(gpt["outputs"]) == 2 and type(gpt["outputs"][0]) is type(before) and gpt["captions"][1] in human["value"]
 
 
 def test_the_first_item_is_what_recall_answers():
@@ -228,6 +234,15 @@ def test_dialog_scoring_checks_attributes_order_and_answers(rendered):
     assert score_dialog_turn(multi, "", ["image", "audio"], both, "eos")["ok"]
     assert not score_dialog_turn(multi, "", ["audio", "image"], both, "eos")["ok"]  # not in the order asked
     assert not score_dialog_turn(multi, "", ["image"], both[:1], "eos")["ok"]  # only one of the two
+
+    # "make it blue, and also play a high beep": the edited attribute is scored on the edited output only
+    plus = DialogCase("edit-plus", [{"from": "human", "value": "make it blue, and also play a high beep"},
+                                    {"from": "gpt", "value": "", "outputs": [blue, AudioSpec("high", "beep")],
+                                     "captions": ["a blue circle", "a high-pitched beep"], "changed": "colour"}])  # fmt: skip
+    scored = score_dialog_turn(plus, "", ["image", "audio"], both, "eos")
+    assert scored["ok"] and [o["keys"] for o in scored["outputs"]] == [["colour", "shape"], ["pitch"]]
+    assert not score_dialog_turn(plus, "", ["image", "audio"], [("image", rendered["red-circle"]), both[1]], "eos")["ok"]
+    assert not score_dialog_turn(plus, "", ["image"], both[:1], "eos")["ok"]  # the edit without the new output
 
     # two pictures: each output's words are the ones before its own signal group, not the first thing named
     red = ImageSpec("circle", "red", "large", "center")

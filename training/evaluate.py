@@ -322,12 +322,12 @@ class DialogCase:
 
 def build_dialog_cases(n: int, seed: int, media_dir: Path, side: int = 64, scenarios=None) -> list[DialogCase]:
     """n conversations per scenario (held-out wording), their input media rendered into media_dir."""
-    from training.world.conversations import SCENARIOS, sample_scenarios
+    from training.world.conversations import EVAL_SCENARIOS, sample_scenarios
     from training.world.dataset import EXTENSIONS, write_media
 
     media_dir.mkdir(parents=True, exist_ok=True)
     cases = []
-    for sc in scenarios or SCENARIOS:
+    for sc in scenarios or EVAL_SCENARIOS:
         for i, turns in enumerate(sample_scenarios(sc, n, seed, wording="eval")):
             for j, t in enumerate(turns):
                 paths = []
@@ -382,9 +382,9 @@ def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: li
             predicted = {k2: v for k2, v in analyze(spec.modality, files[nth]).items() if k2 not in ("confidence", "details")}
             if scored:
                 keys = list(scored)
-            else:  # the modality's main attributes + the edited one
+            else:  # the modality's main attributes + the edited one (an edit's first output; a second is new)
                 keys = list(MAIN_KEYS[spec.modality])
-                changed = truth.get("changed") or []
+                changed = (truth.get("changed") or []) if k == 0 else []
                 keys += [k for k in ([changed] if isinstance(changed, str) else changed) if k not in keys]
             per.append({"ok": score(spec.modality, predicted, attrs, keys), "keys": keys, "predicted": predicted,
                         "text_ok": score(spec.modality, said, attrs, keys)} | keep)  # fmt: skip
@@ -655,11 +655,11 @@ def main(argv: list[str] | None = None) -> int:
         assistant.output_dir = Path(holder.name)
     progress = not args.json and sys.stderr.isatty()
     if args.scenario:
-        from training.world.conversations import SCENARIOS
+        from training.world.conversations import EVAL_SCENARIOS
 
-        unknown = [x for x in args.scenario if x not in SCENARIOS]
+        unknown = [x for x in args.scenario if x not in EVAL_SCENARIOS]
         if unknown:
-            print(f"{PROG}: error: unknown scenario {unknown[0]!r}; expected one of {', '.join(SCENARIOS)}", file=sys.stderr)
+            print(f"{PROG}: error: unknown scenario {unknown[0]!r}; expected one of {', '.join(EVAL_SCENARIOS)}", file=sys.stderr)
             return 2
     results = {}
     if not args.dialogs or args.both:

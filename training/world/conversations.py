@@ -55,6 +55,8 @@ from training.world.spec import (
 )
 
 SCENARIOS = ("edit", "convert", "refer", "multi", "chat-create", "recall", "ask", "attach")
+# the evaluation's: + an edit and a new output in one message ("make it smaller, and also play a low buzz")
+EVAL_SCENARIOS = SCENARIOS + ("edit-plus",)
 EDIT_PLUS = 0.15  # how often a training edit also asks for a new output ("make it blue, and play a beep")
 THREE = 0.2  # how often a several-outputs request asks for three outputs (else two); the evaluation's share
 _STREAM = {"train": 5, "eval": 8}  # random streams (pairs 0-2, dialogs 3, evaluate 7)
@@ -232,11 +234,11 @@ W_TRAIN: dict[str, tuple[str, ...]] = {
                          "first {r} direction?"),
 }
 
-# An edit of the last output and a new output in one message, training only (a = the edit, b = the
-# new part, p = the edit's end: "?" or "."); none the held-out several-outputs wordings ("{a} plus {b}",
-# ", and also")
+# An edit of the last output and a new output in one message (a = the edit, b = the new part, p = the
+# edit's end: "?" or "."); the training's none of the held-out ones (nor "{a} plus {b}", ", and also")
 EDIT_PLUS_JOIN = ("{a}, and {b}", "{a} and {b} too", "{a}{p} Also {b}.", "{a}, then {b}", "{a}; and {b}",
                   "{a}, and then {b}", "{a}{p} And {b} as well.", "{a}, and can you {b}")
+EDIT_PLUS_HELD = ("{a}, and also {b}", "{a}, plus {b}", "{a}{p} Oh, and {b} please.")  # the evaluation's ("edit-plus")
 
 
 CHAT_REPLY = {
@@ -353,9 +355,10 @@ class Writer:
         key = next((k for k in CHAT_REPLY if k.lower().rstrip(".!?") == q.lower().rstrip(".!?")), None)
         self.exchange("chat", q, CHAT_REPLY[key])
 
-    def edit(self, item: Item | None = None, refer: str | None = None) -> Item:
+    def edit(self, item: Item | None = None, refer: str | None = None, plus: bool | None = None) -> Item:
         """Change one attribute of `item` (default: the last output) into a new output; sometimes two
-        at once ("make it blue and bigger")."""
+        at once ("make it blue and bigger"). `plus`: the message also asks for a new output ("…, and
+        also play a low buzz"; default: sometimes, in training wording only)."""
         item = item or self.last_output()
         spec, keys = item.spec, item.keys
         options = {ImageSpec: ("colour", "colour", "shape", "shape", "size", "position"),
@@ -383,13 +386,15 @@ class Writer:
         out = Item(new, new_keys, True)
         d = " and ".join(_change_words(w, new, said=True) for w in whats)
         reply, outs = self.say("edited", user=False, d=d, c=out.words), [out]
-        # training only (the evaluation's random stream stays as it was): an edit and a new output in
-        # one message, "make it smaller, and also play a low buzz"; the edited output's signal group
-        # right after the words naming it, the new one's at the end (as in several-outputs replies)
-        if self.wording != "eval" and refer is None and len(whats) == 1 and self.rng.random() < EDIT_PLUS:
+        # an edit and a new output in one message, "make it smaller, and also play a low buzz" (unasked,
+        # training wording only: the evaluation's random stream stays as it was); the edited output's
+        # signal group right after the words naming it, the new one's at the end (as in several-outputs replies)
+        if plus is None:
+            plus = self.wording != "eval" and refer is None and len(whats) == 1 and self.rng.random() < EDIT_PLUS
+        if plus:
             m = self.pick(("image", "audio", "video"))
             more = Item(sample_spec(m, self.rng), self.pick(CREATE_KEYS[m]), True)
-            request = self.pick(EDIT_PLUS_JOIN).format(a=request.rstrip(".!?"), b=self.say(f"part.{m}", c=more.words),
+            request = self.pick(EDIT_PLUS_HELD if self.wording == "eval" else EDIT_PLUS_JOIN).format(a=request.rstrip(".!?"), b=self.say(f"part.{m}", c=more.words),
                                                          p="?" if request.endswith("?") else ".")
             said = self.say(f"said.{m}", user=False, c=more.words)
             reply = f"{reply.rstrip('.')} <{new.modality}> and {said[0].lower() + said[1:]}. <{m}>"
@@ -519,7 +524,7 @@ def _referent(item: Item) -> str:
 
 def _setup(w: Writer, scenario: str) -> None:
     """The context exchanges a scenario needs, with a few others around them."""
-    needs_output = scenario in ("edit", "ask")
+    needs_output = scenario in ("edit", "edit-plus", "ask")
     needs_visual = scenario == "convert"
     for _ in range(int(w.rng.integers(0, 3))):  # unrelated context first, sometimes
         r = w.rng.random()
@@ -557,6 +562,8 @@ def _setup(w: Writer, scenario: str) -> None:
 def _scenario(w: Writer, scenario: str) -> None:
     if scenario == "edit":
         w.edit()
+    elif scenario == "edit-plus":
+        w.edit(plus=True)
     elif scenario == "convert":
         w.convert()
     elif scenario == "refer":
@@ -573,7 +580,7 @@ def _scenario(w: Writer, scenario: str) -> None:
     elif scenario == "attach":
         w.attach()
     else:
-        raise ValueError(f"unknown scenario {scenario!r}; expected one of {', '.join(SCENARIOS)}")
+        raise ValueError(f"unknown scenario {scenario!r}; expected one of {', '.join(EVAL_SCENARIOS)}")
 
 
 def sample_conversation(rng: np.random.Generator, scenario: str, wording: str = "train", follow: bool = False,
@@ -600,5 +607,5 @@ def sample_conversations(n: int, seed: int, *, wording: str = "train", scenarios
 
 def sample_scenarios(scenario: str, n: int, seed: int, *, wording: str = "eval") -> list[list[dict[str, Any]]]:
     """n conversations ending with `scenario` (the evaluation scores the last exchange)."""
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _STREAM[wording], SCENARIOS.index(scenario)]))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _STREAM[wording], EVAL_SCENARIOS.index(scenario)]))
     return [sample_conversation(rng, scenario, wording) for _ in range(int(n))]
