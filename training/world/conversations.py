@@ -394,8 +394,8 @@ class Writer:
         if plus:
             m = self.pick(("image", "audio", "video"))
             more = Item(sample_spec(m, self.rng), self.pick(CREATE_KEYS[m]), True)
-            request = self.pick(EDIT_PLUS_HELD if self.wording == "eval" else EDIT_PLUS_JOIN).format(a=request.rstrip(".!?"), b=self.say(f"part.{m}", c=more.words),
-                                                         p="?" if request.endswith("?") else ".")
+            join = self.pick(EDIT_PLUS_HELD if self.wording == "eval" else EDIT_PLUS_JOIN)
+            request = join.format(a=request.rstrip(".!?"), b=self.say(f"part.{m}", c=more.words), p="?" if request.endswith("?") else ".")
             said = self.say(f"said.{m}", user=False, c=more.words)
             reply = f"{reply.rstrip('.')} <{new.modality}> and {said[0].lower() + said[1:]}. <{m}>"
             outs.append(more)
