@@ -318,6 +318,11 @@ class Writer:
             text = text.rstrip(".") if self.rng.random() < 0.5 else text.lower()
         return text
 
+    def said(self, item: Item) -> str:
+        """How a reply names one of several outputs, mid-sentence: "a picture of a red circle"."""
+        text = self.say(f"said.{item.spec.modality}", user=False, c=item.words)
+        return text[0].lower() + text[1:]
+
     def other(self, options, current):
         return self.pick([o for o in options if o != current])
 
@@ -396,8 +401,7 @@ class Writer:
             more = Item(sample_spec(m, self.rng), self.pick(CREATE_KEYS[m]), True)
             join = self.pick(EDIT_PLUS_HELD if self.wording == "eval" else EDIT_PLUS_JOIN)
             request = join.format(a=request.rstrip(".!?"), b=self.say(f"part.{m}", c=more.words), p="?" if request.endswith("?") else ".")
-            said = self.say(f"said.{m}", user=False, c=more.words)
-            reply = f"{reply.rstrip('.')} <{new.modality}> and {said[0].lower() + said[1:]}. <{m}>"
+            reply = f"{reply.rstrip('.')} <{new.modality}> and {self.said(more)}. <{m}>"
             outs.append(more)
         self.exchange("refer" if refer else "edit", request, reply, outputs=[o.spec for o in outs], captions=[o.words for o in outs],
                       extra={"changed": whats[0] if len(whats) == 1 else whats})  # fmt: skip
@@ -433,10 +437,9 @@ class Writer:
         parts = [self.say(f"part.{it.spec.modality}", c=it.words) for it in items]
         request = self.say(f"multi.{k}", a=parts[0], b=parts[1], c=parts[2] if k == 3 else "")
         request = request[0].upper() + request[1:] if self.rng.random() < 0.7 else request
-        said = [self.say(f"said.{it.spec.modality}", user=False, c=it.words) for it in items]
+        said = [self.said(it) for it in items]
         # each output's signal group right after the words that name it (the last one at the end of
         # the reply, as in single replies), so the second group follows words that ask for it
-        said = [x[0].lower() + x[1:] for x in said]
         said = [x + f" <{it.spec.modality}>" for x, it in zip(said[:-1], items)] + said[-1:]
         joined = said[0] + " and " + said[1] if k == 2 else f"{said[0]}, {said[1]} and {said[2]}"
         made = self.say("multi.made", user=False, parts=joined) + f" <{items[-1].spec.modality}>"
