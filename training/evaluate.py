@@ -385,7 +385,7 @@ def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: li
             else:  # the modality's main attributes + the edited one (an edit's first output; a second is new)
                 keys = list(MAIN_KEYS[spec.modality])
                 changed = (truth.get("changed") or []) if k == 0 else []
-                keys += [k for k in ([changed] if isinstance(changed, str) else changed) if k not in keys]
+                keys += [c for c in ([changed] if isinstance(changed, str) else changed) if c not in keys]
             per.append({"ok": score(spec.modality, predicted, attrs, keys), "keys": keys, "predicted": predicted,
                         "text_ok": score(spec.modality, said, attrs, keys)} | keep)  # fmt: skip
         r["outputs"] = per
