@@ -331,3 +331,26 @@ def test_make_it_move_is_scored_on_what_was_asked_not_on_a_guessed_direction(tmp
     blue = {"from": "gpt", "value": "", "outputs": [VideoSpec("circle", "blue", "up")], "captions": ["a blue circle moving up"],
             "scored": ["colour", "shape"]}  # fmt: skip
     assert not score_dialog_turn(DialogCase("convert", [blue]), text, ["video"], made, "eos")["ok"]  # the colour not kept
+
+
+def test_a_reference_names_the_first_output_unambiguously():
+    """"make the first circle blue"; in training also "the first one" (only when nothing came before it)
+    and "the first picture" / "the first video" (only when it is the first of its kind); the edit is of
+    that output. The evaluation names the shape, as before."""
+    named = set()
+    for wording in ("train", "eval"):
+        for turns in sample_scenarios("refer", 80, seed=6, wording=wording):
+            human, gpt = _last(turns)
+            media = [(t["from"], s) for t in turns[:-2] for s in t.get("inputs", []) + t.get("outputs", [])]
+            i, first = next((i, s) for i, (who, s) in enumerate(media) if who == "gpt" and s.modality != "audio")
+            word = re.search(r"first (\w+)", human["value"], re.I).group(1)
+            assert word == first.shape or wording == "train", human["value"]
+            if word == "one":
+                assert i == 0
+            elif word != first.shape:
+                assert word == {"image": "picture", "video": "video"}[first.modality]
+                assert all(s.modality != first.modality for _, s in media[:i])
+            new = gpt["outputs"][0]
+            assert replace(new, colour=first.colour) == first and new.colour != first.colour
+            named.add(word if wording == "train" and word in ("one", "picture", "video") else "shape")
+    assert named == {"one", "picture", "video", "shape"}

@@ -58,6 +58,7 @@ SCENARIOS = ("edit", "convert", "refer", "multi", "chat-create", "recall", "ask"
 # the evaluation's: + an edit and a new output in one message ("make it smaller, and also play a low buzz")
 EVAL_SCENARIOS = SCENARIOS + ("edit-plus",)
 EDIT_PLUS = 0.15  # how often a training edit also asks for a new output ("make it blue, and play a beep")
+REFER_BY_KIND = 0.4  # how often a training reference names the earlier output by its kind ("the first one", "the first picture"), not its shape
 THREE = 0.2  # how often a several-outputs request asks for three outputs (else two); the evaluation's share
 _STREAM = {"train": 5, "eval": 8}  # random streams (pairs 0-2, dialogs 3, evaluate 7)
 NOUN = {"image": "picture", "audio": "sound", "video": "video"}
@@ -479,7 +480,12 @@ class Writer:
         if len(outs) < 2:
             return None
         first = outs[0]
-        return self.edit(first, refer=_referent(first))
+        r = _referent(first)
+        if self.wording != "eval" and self.rng.random() < REFER_BY_KIND:  # (the evaluation's stream stays as it was)
+            before = self.items[: self.items.index(first)]
+            kinds = [] if any(it.spec.modality == first.spec.modality for it in before) else [NOUN[first.spec.modality]]
+            r = self.pick(kinds + ["one"] * 2 if not before else kinds or [r])  # "the first one" only when nothing came before it
+        return self.edit(first, refer=r)
 
     def attach(self) -> Item:
         m = self.pick(("image", "image", "video", "audio"))
