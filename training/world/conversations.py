@@ -483,8 +483,10 @@ class Writer:
         r = _referent(first)
         if self.wording != "eval" and self.rng.random() < REFER_BY_KIND:  # (the evaluation's stream stays as it was)
             before = self.items[: self.items.index(first)]
-            kinds = [] if any(it.spec.modality == first.spec.modality for it in before) else [NOUN[first.spec.modality]]
-            r = self.pick(kinds + ["one"] * 2 if not before else kinds or [r])  # "the first one" only when nothing came before it
+            names = [] if any(it.spec.modality == first.spec.modality for it in before) else [NOUN[first.spec.modality]]  # the first of its kind
+            if not before:
+                names += ["one", "one"]  # "the first one" only when nothing came before it
+            r = self.pick(names or [r])
         return self.edit(first, refer=r)
 
     def attach(self) -> Item:
