@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from training.world.conversations import EDIT_PLUS_HELD, EDIT_PLUS_JOIN, SCENARIOS, W, W_TRAIN, sample_conversations, sample_scenarios
+from training.world.conversations import EDIT_PLUS_HELD, EDIT_PLUS_JOIN, SCENARIOS, TWO_CHANGES, W, W_TRAIN, sample_conversations, sample_scenarios
 from training.world.spec import AudioSpec, ImageSpec, VideoSpec
 
 
@@ -354,3 +354,24 @@ def test_a_reference_names_the_first_output_unambiguously():
             assert replace(new, colour=first.colour) == first and new.colour != first.colour
             named.add(word if wording == "train" and word in ("one", "picture", "video") else "shape")
     assert named == {"one", "picture", "video", "shape"}
+
+
+def test_training_edits_change_two_attributes_more_often_than_the_evaluation():
+    """Two-attribute edits ("moving left and a circle please") are the evaluation's hardest edits; the
+    training wording asks for them twice as often (TWO_CHANGES) while the evaluation's stream keeps its
+    share. Each such edit really changes both attributes and keeps the rest."""
+    share = {}
+    for wording in ("train", "eval"):
+        two = 0
+        for turns in sample_scenarios("edit", 400, seed=11, wording=wording):
+            gpt = turns[-1]
+            if isinstance(gpt["changed"], list):
+                two += 1
+                before = next(s for t in reversed(turns[:-2]) for s in t.get("outputs", [])[::-1] if s.modality == gpt["outputs"][0].modality)
+                after = gpt["outputs"][0]
+                for w in gpt["changed"]:
+                    assert getattr(after, w) != getattr(before, w), (w, before, after)
+                assert replace(after, **{w: getattr(before, w) for w in gpt["changed"]}) == before
+        share[wording] = two / 400
+        assert abs(share[wording] - TWO_CHANGES[wording]) < 0.07, share
+    assert share["train"] > share["eval"] + 0.08

@@ -81,7 +81,7 @@ from pathlib import Path
 
 PROG = "python -m training.small"
 STATE_FILE = "state.json"
-DATA_FORMAT = 8  # 8: + training references by kind ("make the first one yellow", "the first picture"); 7: + training edits that also ask for a new output ("make it smaller, and also play a low buzz"); 6: + training-only questions about an attachment ("Which thing moves, and which way?"); 5: + either/or questions ("red or blue?") and three-output wordings; 4: + training-only questions ("colour?", "do you recall …") and question-shaped edits ("could it be blue?"); 3: + training-only request wordings (W_TRAIN); 2: a reply with several outputs puts each signal group after the words naming it (1: all at the end)
+DATA_FORMAT = 9  # 9: + training edits change two attributes twice as often ("moving left and a circle"); 8: + training references by kind ("make the first one yellow", "the first picture"); 7: + training edits that also ask for a new output ("make it smaller, and also play a low buzz"); 6: + training-only questions about an attachment ("Which thing moves, and which way?"); 5: + either/or questions ("red or blue?") and three-output wordings; 4: + training-only questions ("colour?", "do you recall …") and question-shaped edits ("could it be blue?"); 3: + training-only request wordings (W_TRAIN); 2: a reply with several outputs puts each signal group after the words naming it (1: all at the end)
 TRAIN_SEEDS = {"pairs": 1, "dialogs": 2, "refit_dialogs": 4, "conversations": 5, "emphasis": 6, "fresh": 7, "fresh2": 8, "fresh3": 9}
 # stage 5's conversations: every scenario, "multi" (two or three outputs in one reply) four times as often,
 # the ones the eval found weakest after stage 4 (edit, refer, recall, attach) twice

@@ -58,6 +58,7 @@ SCENARIOS = ("edit", "convert", "refer", "multi", "chat-create", "recall", "ask"
 # the evaluation's: + an edit and a new output in one message ("make it smaller, and also play a low buzz")
 EVAL_SCENARIOS = SCENARIOS + ("edit-plus",)
 EDIT_PLUS = 0.15  # how often a training edit also asks for a new output ("make it blue, and play a beep")
+TWO_CHANGES = {"eval": 0.15, "train": 0.3}  # how often an edit changes two attributes ("make it blue and bigger")
 REFER_BY_KIND = 0.4  # how often a training reference names the earlier output by its kind ("the first one", "the first picture"), not its shape
 THREE = 0.2  # how often a several-outputs request asks for three outputs (else two); the evaluation's share
 _STREAM = {"train": 5, "eval": 8}  # random streams (pairs 0-2, dialogs 3, evaluate 7)
@@ -371,7 +372,7 @@ class Writer:
                    VideoSpec: ("colour", "shape", "direction", "direction"), AudioSpec: ("pitch", "pitch", "timbre")}[type(spec)]  # fmt: skip
         what = "colour" if refer is not None else self.pick(options)
         whats = [what]
-        if refer is None and self.rng.random() < 0.15:
+        if refer is None and self.rng.random() < TWO_CHANGES[self.wording]:
             whats.append(self.other(sorted(set(options)), what))
         new, new_keys = spec, keys
         for w in whats:
