@@ -3,9 +3,10 @@
 import re
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
-from training.world.conversations import EDIT_PLUS_HELD, EDIT_PLUS_JOIN, SCENARIOS, TWO_CHANGES, W, W_TRAIN, sample_conversations, sample_scenarios
+from training.world.conversations import EDIT_PLUS_HELD, EDIT_PLUS_JOIN, PITCH_ORDER, SCENARIOS, TWO_CHANGES, W, W_TRAIN, sample_conversation, sample_conversations, sample_scenarios
 from training.world.spec import AudioSpec, ImageSpec, VideoSpec
 
 
@@ -67,6 +68,26 @@ def test_a_training_edit_sometimes_asks_for_a_new_output_too():
         human, gpt = _last(turns)
         before = next(t["outputs"][-1] for t in reversed(turns[:-2]) if t.get("outputs"))
         assert len(gpt["outputs"]) == 2 and type(gpt["outputs"][0]) is type(before) and gpt["captions"][1] in human["value"]
+
+
+def test_a_relative_pitch_edit_moves_one_step():
+    """The training-only "edit-pitch" scenario: "higher please" after a low beep makes a mid one, after a
+    mid one a high one; the timbre kept, the reply names the new pitch; asking for it by name is an error
+    nowhere but in training (the evaluation's scenarios do not include it)."""
+    seen = set()
+    rng = np.random.default_rng(7)
+    for turns in (sample_conversation(rng, "edit-pitch") for _ in range(120)):
+        human, gpt = _last(turns)
+        before = next(t["outputs"][-1] for t in reversed(turns[:-2]) if t.get("outputs"))
+        new = gpt["outputs"][0]
+        assert isinstance(before, AudioSpec) and isinstance(new, AudioSpec) and new.timbre == before.timbre
+        step = PITCH_ORDER.index(new.pitch) - PITCH_ORDER.index(before.pitch)
+        assert abs(step) == 1 and f"{new.pitch}-pitched" in gpt["value"]
+        assert re.search("higher|raise" if step > 0 else "lower", human["value"], re.I)
+        seen.add((before.pitch, new.pitch))
+    assert seen == {("low", "mid"), ("mid", "high"), ("mid", "low"), ("high", "mid")}
+    with pytest.raises(ValueError, match="'edit-pitch' is not an evaluation scenario"):
+        sample_scenarios("edit-pitch", 1, seed=1)
 
 
 def test_the_first_item_is_what_recall_answers():

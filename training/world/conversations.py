@@ -57,6 +57,8 @@ from training.world.spec import (
 SCENARIOS = ("edit", "convert", "refer", "multi", "chat-create", "recall", "ask", "attach")
 # the evaluation's: + an edit and a new output in one message ("make it smaller, and also play a low buzz")
 EVAL_SCENARIOS = SCENARIOS + ("edit-plus",)
+# training only: a relative pitch edit of a sound, one step ("higher please" after a low beep → mid)
+TRAIN_SCENARIOS = EVAL_SCENARIOS + ("edit-pitch",)
 EDIT_PLUS = 0.15  # how often a training edit also asks for a new output ("make it blue, and play a beep")
 TWO_CHANGES = {"eval": 0.15, "train": 0.3}  # how often an edit changes two attributes ("make it blue and bigger")
 REFER_BY_KIND = 0.4  # how often a training reference names the earlier output by its kind ("the first one", "the first picture"), not its shape
@@ -328,6 +330,11 @@ class Writer:
     def other(self, options, current):
         return self.pick([o for o in options if o != current])
 
+    def step(self, pitch: str) -> str:
+        """One step up or down PITCH_ORDER from `pitch` (mid: either way)."""
+        i = PITCH_ORDER.index(pitch)
+        return PITCH_ORDER[self.pick([j for j in (i - 1, i + 1) if 0 <= j < len(PITCH_ORDER)])]
+
     # ---------------------------------------------------------------- exchanges
     def exchange(self, kind: str, human: str, gpt: str, *, inputs=(), outputs=(), captions=(), extra=None) -> None:
         h: dict[str, Any] = {"from": "human", "value": human, "kind": kind}
@@ -362,21 +369,22 @@ class Writer:
         key = next((k for k in CHAT_REPLY if k.lower().rstrip(".!?") == q.lower().rstrip(".!?")), None)
         self.exchange("chat", q, CHAT_REPLY[key])
 
-    def edit(self, item: Item | None = None, refer: str | None = None, plus: bool | None = None) -> Item:
+    def edit(self, item: Item | None = None, refer: str | None = None, plus: bool | None = None, relative: bool = False) -> Item:
         """Change one attribute of `item` (default: the last output) into a new output; sometimes two
         at once ("make it blue and bigger"). `plus`: the message also asks for a new output ("…, and
-        also play a low buzz"; default: sometimes, in training wording only)."""
+        also play a low buzz"; default: sometimes, in training wording only). `relative`: `item` is a
+        sound and the edit is "higher" / "lower", one step of PITCH_ORDER."""
         item = item or self.last_output()
         spec, keys = item.spec, item.keys
         options = {ImageSpec: ("colour", "colour", "shape", "shape", "size", "position"),
                    VideoSpec: ("colour", "shape", "direction", "direction"), AudioSpec: ("pitch", "pitch", "timbre")}[type(spec)]  # fmt: skip
-        what = "colour" if refer is not None else self.pick(options)
+        what = "colour" if refer is not None else "pitch" if relative else self.pick(options)
         whats = [what]
-        if refer is None and self.rng.random() < TWO_CHANGES[self.wording]:
+        if refer is None and not relative and self.rng.random() < TWO_CHANGES[self.wording]:
             whats.append(self.other(sorted(set(options)), what))
         new, new_keys = spec, keys
         for w in whats:
-            new = replace(new, **{w: self.other(VOCABULARY[w], getattr(spec, w))})
+            new = replace(new, **{w: self.step(spec.pitch) if relative else self.other(VOCABULARY[w], getattr(spec, w))})
             if w not in new_keys:
                 new_keys = tuple(k for k in ("size", "colour", "shape", "position") if k in new_keys or k == w)
         x = getattr(new, what)
@@ -386,7 +394,7 @@ class Writer:
             request = self.say("edit.two", x=_change_words(whats[0], new), y=_change_words(whats[1], new))
         elif what == "size":
             request = self.say(f"edit.size.{x}")
-        elif what == "pitch" and self.rng.random() < 0.4 and abs(PITCH_ORDER.index(x) - PITCH_ORDER.index(spec.pitch)) == 1:
+        elif what == "pitch" and (relative or self.rng.random() < 0.4) and abs(PITCH_ORDER.index(x) - PITCH_ORDER.index(spec.pitch)) == 1:
             request = self.say("edit.pitch.up" if PITCH_ORDER.index(x) > PITCH_ORDER.index(spec.pitch) else "edit.pitch.down")
         else:
             request = self.say(f"edit.{what}", x=x, r=_referent(item))
@@ -550,7 +558,9 @@ def _setup(w: Writer, scenario: str) -> None:
             w.edit()
         else:
             w.chat()
-    if scenario == "refer":
+    if scenario == "edit-pitch":
+        w.create("audio")
+    elif scenario == "refer":
         m = w.pick(("image", "video"))
         w.create(m)
         for _ in range(int(w.rng.integers(1, 3))):
@@ -576,6 +586,8 @@ def _scenario(w: Writer, scenario: str) -> None:
         w.edit()
     elif scenario == "edit-plus":
         w.edit(plus=True)
+    elif scenario == "edit-pitch":
+        w.edit(relative=True)
     elif scenario == "convert":
         w.convert()
     elif scenario == "refer":
@@ -592,7 +604,7 @@ def _scenario(w: Writer, scenario: str) -> None:
     elif scenario == "attach":
         w.attach()
     else:
-        raise ValueError(f"unknown scenario {scenario!r}; expected one of {', '.join(EVAL_SCENARIOS)}")
+        raise ValueError(f"unknown scenario {scenario!r}; expected one of {', '.join(TRAIN_SCENARIOS)}")
 
 
 def sample_conversation(rng: np.random.Generator, scenario: str, wording: str = "train", follow: bool = False,
@@ -619,5 +631,7 @@ def sample_conversations(n: int, seed: int, *, wording: str = "train", scenarios
 
 def sample_scenarios(scenario: str, n: int, seed: int, *, wording: str = "eval") -> list[list[dict[str, Any]]]:
     """n conversations ending with `scenario` (the evaluation scores the last exchange)."""
+    if scenario not in EVAL_SCENARIOS:
+        raise ValueError(f"{scenario!r} is not an evaluation scenario; expected one of {', '.join(EVAL_SCENARIOS)}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), _STREAM[wording], EVAL_SCENARIOS.index(scenario)]))
     return [sample_conversation(rng, scenario, wording) for _ in range(int(n))]
