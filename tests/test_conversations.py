@@ -72,11 +72,11 @@ def test_a_training_edit_sometimes_asks_for_a_new_output_too():
 
 def test_a_relative_pitch_edit_moves_one_step():
     """The training-only "edit-pitch" scenario: "higher please" after a low beep makes a mid one, after a
-    mid one a high one; the timbre kept, the reply names the new pitch; asking for it by name is an error
+    mid one a high one (with "edit-pitch-plus", a new output asked for in the same message too); the timbre kept, the reply names the new pitch; asking for it by name is an error
     nowhere but in training (the evaluation's scenarios do not include it)."""
-    seen = set()
+    seen, plus = set(), 0
     rng = np.random.default_rng(7)
-    for turns in (sample_conversation(rng, "edit-pitch") for _ in range(120)):
+    for turns in (sample_conversation(rng, scenario) for scenario in ("edit-pitch", "edit-pitch-plus") * 60):
         human, gpt = _last(turns)
         before = next(t["outputs"][-1] for t in reversed(turns[:-2]) if t.get("outputs"))
         new = gpt["outputs"][0]
@@ -85,7 +85,9 @@ def test_a_relative_pitch_edit_moves_one_step():
         assert abs(step) == 1 and f"{new.pitch}-pitched" in gpt["value"]
         assert re.search("higher|raise" if step > 0 else "lower", human["value"], re.I)
         seen.add((before.pitch, new.pitch))
+        plus += len(gpt["outputs"]) == 2 and gpt["captions"][1] in human["value"]
     assert seen == {("low", "mid"), ("mid", "high"), ("mid", "low"), ("high", "mid")}
+    assert plus >= 60  # every "edit-pitch-plus" also asks for a new output
     with pytest.raises(ValueError, match="'edit-pitch' is not an evaluation scenario"):
         sample_scenarios("edit-pitch", 1, seed=1)
 

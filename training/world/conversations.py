@@ -57,8 +57,9 @@ from training.world.spec import (
 SCENARIOS = ("edit", "convert", "refer", "multi", "chat-create", "recall", "ask", "attach")
 # the evaluation's: + an edit and a new output in one message ("make it smaller, and also play a low buzz")
 EVAL_SCENARIOS = SCENARIOS + ("edit-plus",)
-# training only: a relative pitch edit of a sound, one step ("higher please" after a low beep → mid)
-TRAIN_SCENARIOS = EVAL_SCENARIOS + ("edit-pitch",)
+# training only: a relative pitch edit of a sound, one step ("higher please" after a low beep → mid), alone
+# or with a new output asked in the same message ("lower please, and also paint a blue triangle")
+TRAIN_SCENARIOS = EVAL_SCENARIOS + ("edit-pitch", "edit-pitch-plus")
 EDIT_PLUS = 0.15  # how often a training edit also asks for a new output ("make it blue, and play a beep")
 TWO_CHANGES = {"eval": 0.15, "train": 0.3}  # how often an edit changes two attributes ("make it blue and bigger")
 REFER_BY_KIND = 0.4  # how often a training reference names the earlier output by its kind ("the first one", "the first picture"), not its shape
@@ -558,7 +559,7 @@ def _setup(w: Writer, scenario: str) -> None:
             w.edit()
         else:
             w.chat()
-    if scenario == "edit-pitch":
+    if scenario in ("edit-pitch", "edit-pitch-plus"):
         w.create("audio")
     elif scenario == "refer":
         m = w.pick(("image", "video"))
@@ -588,6 +589,8 @@ def _scenario(w: Writer, scenario: str) -> None:
         w.edit(plus=True)
     elif scenario == "edit-pitch":
         w.edit(relative=True)
+    elif scenario == "edit-pitch-plus":
+        w.edit(relative=True, plus=True)
     elif scenario == "convert":
         w.convert()
     elif scenario == "refer":
