@@ -15,6 +15,11 @@ turn that make a conversation, not a one-shot generator (the last exchange is wh
 | ask | "what colour is it?" about the last output | the answer in words, no media |
 | attach | an attached picture / sound / video + "draw this shape in green" | the output built from the input's attributes |
 
+`nextgpt eval --dialogs` also scores "edit-plus" (an edit and a new output in one message). Two more
+exist for training only, to weight what the others rarely ask: "edit-pitch", a relative pitch edit of a
+sound ("higher please" after a low beep: one step, a mid beep), and "edit-pitch-plus", the same with a
+new output asked in the same message.
+
 Context exchanges are creates, describes (an attached input), chit-chat, questions and edits, so
 every scenario is also seen deep in a conversation. The reply to every media request names the
 result's attributes in words ("Here it is in blue: a large blue circle."), and that is what the
