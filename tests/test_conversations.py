@@ -72,8 +72,8 @@ def test_a_training_edit_sometimes_asks_for_a_new_output_too():
 
 def test_a_relative_pitch_edit_moves_one_step():
     """The training-only "edit-pitch" scenario: "higher please" after a low beep makes a mid one, after a
-    mid one a high one (with "edit-pitch-plus", a new output asked for in the same message too); the timbre kept, the reply names the new pitch; asking for it by name is an error
-    nowhere but in training (the evaluation's scenarios do not include it)."""
+    mid one a high one (with "edit-pitch-plus", a new output is asked for in the same message too); the
+    timbre kept, the reply names the new pitch. The evaluation cannot be asked for it."""
     seen, plus = set(), 0
     rng = np.random.default_rng(7)
     for turns in (sample_conversation(rng, scenario) for scenario in ("edit-pitch", "edit-pitch-plus") * 60):
