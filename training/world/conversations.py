@@ -64,7 +64,8 @@ SCENARIOS = ("edit", "convert", "refer", "multi", "chat-create", "recall", "ask"
 EVAL_SCENARIOS = SCENARIOS + ("edit-plus",)
 # training only: a relative pitch edit of a sound, one step ("higher please" after a low beep → mid), alone
 # or with a new output asked in the same message ("lower please, and also paint a blue triangle")
-TRAIN_SCENARIOS = EVAL_SCENARIOS + ("edit-pitch", "edit-pitch-plus")
+PITCH_SCENARIOS = ("edit-pitch", "edit-pitch-plus")
+TRAIN_SCENARIOS = EVAL_SCENARIOS + PITCH_SCENARIOS
 EDIT_PLUS = 0.15  # how often a training edit also asks for a new output ("make it blue, and play a beep")
 TWO_CHANGES = {"eval": 0.15, "train": 0.3}  # how often an edit changes two attributes ("make it blue and bigger")
 REFER_BY_KIND = 0.4  # how often a training reference names the earlier output by its kind ("the first one", "the first picture"), not its shape
@@ -564,7 +565,7 @@ def _setup(w: Writer, scenario: str) -> None:
             w.edit()
         else:
             w.chat()
-    if scenario in ("edit-pitch", "edit-pitch-plus"):
+    if scenario in PITCH_SCENARIOS:
         w.create("audio")
     elif scenario == "refer":
         m = w.pick(("image", "video"))
