@@ -83,7 +83,7 @@ def test_a_relative_pitch_edit_moves_one_step():
         assert isinstance(before, AudioSpec) and isinstance(new, AudioSpec) and new.timbre == before.timbre
         step = PITCH_ORDER.index(new.pitch) - PITCH_ORDER.index(before.pitch)
         assert abs(step) == 1 and f"{new.pitch}-pitched" in gpt["value"]
-        assert re.search("higher|raise" if step > 0 else "lower", human["value"], re.I)
+        assert re.search(r"higher|raise|\bup\b" if step > 0 else r"lower|drop|\bdown\b", human["value"], re.I)
         seen.add((before.pitch, new.pitch))
         plus += len(gpt["outputs"]) == 2 and gpt["captions"][1] in human["value"]
     assert seen == {("low", "mid"), ("mid", "high"), ("mid", "low"), ("high", "mid")}

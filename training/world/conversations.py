@@ -188,6 +188,8 @@ W_TRAIN: dict[str, tuple[str, ...]] = {
                      "Give me a tone, {c}.", "play {c} real quick", "Could you produce {c} for me?", "Sound {c}, please."),
     "create.video": ("Make a movie of {c}.", "I want a clip of {c}.", "can u animate {c}", "Make an animation of {c}.",
                      "Film {c}.", "a short video of {c} please", "Could you render {c} as a video?", "Video of {c}, please."),
+    # a still picture brought to life, no direction named (none a paraphrase of the held-out "make it move")
+    "to.video": ("Get it moving.", "Set it in motion.", "could you animate that?", "Bring it to life as a clip."),
     # questions about an attachment as users ask them (what a clip shows is the whole description,
     # direction included, whatever the question's words); none a paraphrase of a held-out wording
     # ("what's going on in this clip?", "what can you hear in this?", …) or of training.evaluate's
@@ -219,8 +221,8 @@ W_TRAIN: dict[str, tuple[str, ...]] = {
     "edit.position": ("could it be on the {x}?", "can it go on the {x}?", "would you move it to the {x}?", "how about the {x}?"),
     "edit.direction": ("could it move {x}?", "can it go {x} instead?", "would you make it move {x}?", "how about moving {x}?"),
     "edit.pitch": ("could it be {x}-pitched?", "can you do it {x}-pitched?", "would you make it {x}-pitched?", "how about a {x} pitch?"),
-    "edit.pitch.up": ("could it be higher?", "can it go higher?"),
-    "edit.pitch.down": ("could it be lower?", "can it go lower?"),
+    "edit.pitch.up": ("could it be higher?", "can it go higher?", "Take the pitch up.", "can you pitch it up?", "Up a notch.", "Raise it a step."),
+    "edit.pitch.down": ("could it be lower?", "can it go lower?", "Take the pitch down.", "can you pitch it down?", "Down a notch.", "Drop it a step."),
     "edit.timbre": ("can it be a {x}?", "would you make it a {x}?", "what about a {x}?", "can I get a {x} instead?"),
     "edit.two": ("could it be {x} and {y}?", "can you do {x} and {y}?"),
     "refer": ("could you make the first {r} {x}?", "can the first {r} be {x}?", "would you redo the first {r} in {x}?"),
