@@ -68,6 +68,7 @@ PITCH_SCENARIOS = ("edit-pitch", "edit-pitch-plus")
 TRAIN_SCENARIOS = EVAL_SCENARIOS + PITCH_SCENARIOS
 EDIT_PLUS = 0.15  # how often a training edit also asks for a new output ("make it blue, and play a beep")
 TWO_CHANGES = {"eval": 0.15, "train": 0.3}  # how often an edit changes two attributes ("make it blue and bigger")
+RECALL_NAMED = 0.4  # how often a training recall of the only item of its kind names it without "first" ("the circle")
 REFER_BY_KIND = 0.4  # how often a training reference names the earlier output by its kind ("the first one", "the first picture"), not its shape
 THREE = 0.2  # how often a several-outputs request asks for three outputs (else two); the evaluation's share
 _STREAM = {"train": 5, "eval": 8}  # random streams (pairs 0-2, dialogs 3, evaluate 7)
@@ -188,6 +189,12 @@ W_TRAIN: dict[str, tuple[str, ...]] = {
                      "Give me a tone, {c}.", "play {c} real quick", "Could you produce {c} for me?", "Sound {c}, please."),
     "create.video": ("Make a movie of {c}.", "I want a clip of {c}.", "can u animate {c}", "Make an animation of {c}.",
                      "Film {c}.", "a short video of {c} please", "Could you render {c} as a video?", "Video of {c}, please."),
+    # a recall that names the only item of its kind without "first" ("what colour was the circle?" after a
+    # red circle and a blue triangle); training only, so these intents have no held-out wording in W
+    "recall.named.colour": ("What colour was the {r}?", "the {r}, which colour was it?", "do you remember the {r}'s colour?",
+                            "what colour did you make the {r}?", "remind me, what colour was the {r}?"),
+    "recall.named.direction": ("Which way did the {r} move?", "where was the {r} going?", "do you remember which way the {r} went?"),
+    "recall.named.pitch": ("What pitch was the sound?", "how high was that sound?", "remind me, was the sound high, mid or low?"),
     # a still picture brought to life, no direction named (none a paraphrase of the held-out "make it move")
     "to.video": ("Get it moving.", "Set it in motion.", "could you animate that?", "Bring it to life as a clip."),
     # questions about an attachment as users ask them (what a clip shows is the whole description,
@@ -321,7 +328,9 @@ class Writer:
         return options[int(self.rng.integers(len(options)))]
 
     def say(self, intent: str, user: bool = True, **kw) -> str:
-        pool = W[intent]
+        pool = W.get(intent, ())
+        if self.wording == "eval" and intent not in W:
+            raise ValueError(f"{intent!r} is a training-only intent; the evaluation has no wording for it")
         if user:
             held = [t for i, t in enumerate(pool) if i % 4 == 3]
             pool = held if self.wording == "eval" else [t for i, t in enumerate(pool) if i % 4 != 3] + list(W_TRAIN.get(intent, ()))
@@ -489,7 +498,9 @@ class Writer:
         if key == "shape":
             r = NOUN["image"]
         x = getattr(item.spec, key)
-        self.exchange("recall", self.say(f"recall.{key}", r=r), self.say(f"recalled.{key}", user=False, r=r, x=x), extra={"answer": {key: x}})
+        named = (self.wording != "eval" and key != "shape" and sum(_referent(it) == r for it in self.items) == 1
+                 and self.rng.random() < RECALL_NAMED)  # (the evaluation's stream stays as it was)
+        self.exchange("recall", self.say(f"recall.named.{key}" if named else f"recall.{key}", r=r), self.say(f"recalled.{key}", user=False, r=r, x=x), extra={"answer": {key: x}})
         return True
 
     def refer(self) -> Item | None:
