@@ -146,7 +146,7 @@ def build_cases(n: int, seed: int, media_dir: Path, side: int = 64, plain: int |
 
 
 def _score_case(case: Case, text: str, media: dict[str, list], failures: list[str]) -> None:
-    from training.world.analyze import analyze, parse_caption, score
+    from training.world.analyze import attributes, parse_caption, score
 
     r = case.result
     r["text"] = text
@@ -161,8 +161,7 @@ def _score_case(case: Case, text: str, media: dict[str, list], failures: list[st
         if not files:
             r.update(ok=False, side_ok=False, predicted=None)
             return
-        predicted = analyze(modality, files[0])
-        predicted = {k: v for k, v in predicted.items() if k not in ("confidence", "details")}
+        predicted = attributes(modality, files[0])
     else:
         predicted = parse_caption(text, modality)
     r["predicted"] = predicted
@@ -351,7 +350,7 @@ def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: li
     script's own caption of that output names ("make it bigger" after "a small green circle on the left":
     "a large green circle on the right" breaks "left", which the score, on main attributes only, does not see).
     A reply with several outputs is read per output only when each has its own words (`words`); else it has none."""
-    from training.world.analyze import analyze, canonical_value, parse_caption, score
+    from training.world.analyze import attributes, canonical_value, parse_caption, score
 
     truth = case.turns[-1]
     r: dict[str, Any] = {"text": text, "signals": signals, "finish_reason": finish}
@@ -379,7 +378,7 @@ def score_dialog_turn(case: DialogCase, text: str, signals: list[str], media: li
             if nth >= len(files):
                 per.append({"ok": False, "predicted": None} | keep)
                 continue
-            predicted = {k2: v for k2, v in analyze(spec.modality, files[nth]).items() if k2 not in ("confidence", "details")}
+            predicted = attributes(spec.modality, files[nth])
             if scored:
                 keys = list(scored)
             else:  # the modality's main attributes + the edited one (an edit's first output; a second is new)

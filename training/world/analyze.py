@@ -376,6 +376,11 @@ def analyze(modality: str, media: Any, **kwargs) -> dict[str, Any]:
     return fn(media, **kwargs)
 
 
+def attributes(modality: str, media: Any, **kwargs) -> dict[str, Any]:
+    """analyze() without its "confidence" and "details": the attributes alone, as scores compare them."""
+    return {k: v for k, v in analyze(modality, media, **kwargs).items() if k not in ("confidence", "details")}
+
+
 # ----------------------------------------------------------------------------------- text
 
 # word (lower case, hyphenated words split) → attribute value, per attribute
