@@ -156,6 +156,11 @@ class GenerationConfig(_Strict):
         "group alone (true), or from those words re-read as a one-turn request of their own ('restated'; "
         "'restated_all': every group, the first too); see NextGPT.generate; off = the official way")
 
+    def sampling(self, max_new_tokens: int | None = None) -> dict:
+        """These settings as `NextGPT.generate` keywords (all but the seed, which a caller picks per reply)."""
+        return dict(max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature,
+                    top_p=self.top_p, top_k=self.top_k, isolate_groups=self.isolate_groups)  # fmt: skip
+
 
 class Profile(_Strict):
     description: str = ""

@@ -132,3 +132,16 @@ def test_llm_backend_is_validated(tmp_path):
     p = _write(tmp_path, lambda r: r["profiles"]["tiny"]["llm"].update(backend="llamacpp"))
     with pytest.raises(ConfigError, match="profiles.tiny.llm.backend"):
         load_settings(p)
+
+
+def test_generation_sampling_is_what_generate_takes():
+    """`GenerationConfig.sampling()`: the profile's settings as keywords `NextGPT.generate` accepts."""
+    import inspect
+
+    from nextgpt.model import NextGPT
+
+    gen = load_settings(REPO_CONFIG).profile("small").generation
+    kw = gen.sampling()
+    assert set(kw) <= set(inspect.signature(NextGPT.generate).parameters)
+    assert (kw["max_new_tokens"], kw["isolate_groups"], kw["top_k"]) == (gen.max_new_tokens, gen.isolate_groups, gen.top_k)
+    assert gen.sampling(7)["max_new_tokens"] == 7

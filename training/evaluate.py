@@ -254,12 +254,8 @@ def evaluate(
             reply = model.generate(
                 [Message("user", case.prompt, media_in)],
                 want=[],
-                max_new_tokens=max_new_tokens or gen.max_new_tokens,
-                temperature=gen.temperature,
-                top_p=gen.top_p,
-                top_k=gen.top_k,
-                isolate_groups=gen.isolate_groups,
                 seed=seed + i,
+                **gen.sampling(max_new_tokens),
             )
             media: dict[str, list] = {s.modality: [] for s in reply.signals}
             failures = []
@@ -434,9 +430,7 @@ def evaluate_dialogs(settings, profile=None, *, n: int = 20, seed: int = 12345, 
             humans = [t for t in case.turns if t["from"] == "human"]
             for j, h in enumerate(humans):
                 messages.append(Message("user", h["value"], [MediaInput(m, path=p) for m, p in h["paths"]]))
-                reply = model.generate(messages, want=[], max_new_tokens=max_new_tokens or gen.max_new_tokens,
-                                       temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
-                                       seed=seed + 1000 * i + j, cache=cache, isolate_groups=gen.isolate_groups)  # fmt: skip
+                reply = model.generate(messages, want=[], seed=seed + 1000 * i + j, cache=cache, **gen.sampling(max_new_tokens))
                 messages.append(Message("assistant", reply.trace))
                 turns_total += 1
                 if reply.finish_reason == "length":  # kept with its text: a loop the guard missed, or a long reply?

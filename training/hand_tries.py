@@ -134,8 +134,7 @@ def main(argv=None) -> int:
         messages, cache = [], PromptCache()
         for ti, (text, want) in enumerate(convo):
             messages.append(Message("user", text, []))
-            r = model.generate(messages, want=[], max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
-                               top_p=gen.top_p, top_k=gen.top_k, seed=1, cache=cache, isolate_groups=gen.isolate_groups)
+            r = model.generate(messages, want=[], seed=1, cache=cache, **gen.sampling())
             messages.append(Message("assistant", r.trace))
             got = []
             for k, s in enumerate(r.signals):
