@@ -1,10 +1,11 @@
 """Hand tries: whole conversations as a user types them, driven through the `small` model greedily,
 every output rendered and checked with the world analyzer (the README's "hand tries").
 
-    python -m training.hand_tries [--set chosen|fresh] [--checkpoint DIR]
+    python -m training.hand_tries [--set chosen|fresh|s33] [--checkpoint DIR]
 
 `chosen`: 41 turns used since session 29 to choose between releases; `fresh`: 38 turns in other
-phrasings, written in session 32 after its weights were chosen. A turn is right when it made exactly
+phrasings, written in session 32 after its weights were chosen; `s33`: 33 turns written in session 33
+before its round's weights were seen. A turn is right when it made exactly
 the outputs asked for, in order, with the named attributes (or, for a question, no media and the
 expected word in the reply). Prints one line per turn and the count."""
 import argparse
@@ -106,6 +107,41 @@ SETS = {
         [("play a mid buzz", [(A, dict(pitch="mid", timbre="buzz"))]),
          ("is it a beep or a buzz?", [(T, "buzz")]),
          ("draw a red triangle too", [(I, dict(colour="red", shape="triangle"))])],
+    ],
+    "s33": [
+        [("yo draw a blue triangle", [(I, dict(colour="blue", shape="triangle"))]),
+         ("make it orange pls", [(I, dict(colour="orange", shape="triangle"))]),
+         ("what shape is it?", [(T, "triangle")])],
+        [("Could you generate an image of a red square?", [(I, dict(colour="red", shape="square"))]),
+         ("Same thing but moving up", [(V, dict(colour="red", shape="square", direction="up"))]),
+         ("cool, thanks!", [])],
+        [("I'd love to hear a low buzz", [(A, dict(pitch="low", timbre="buzz"))]),
+         ("make it a beep instead", [(A, dict(pitch="low", timbre="beep"))]),
+         ("a bit higher", [(A, dict(pitch="mid", timbre="beep"))])],
+        [("play a high beep and show me a blue circle moving left", [(A, dict(pitch="high", timbre="beep")), (V, dict(colour="blue", shape="circle", direction="left"))])],
+        [("good morning!", []),
+         ("can you show me a yellow circle going down?", [(V, dict(colour="yellow", shape="circle", direction="down"))]),
+         ("what direction was that?", [(T, "down")])],
+        [("draw a red circle", [(I, dict(colour="red", shape="circle"))]),
+         ("draw a green triangle", [(I, dict(colour="green", shape="triangle"))]),
+         ("make the first one purple", [(I, dict(colour="purple", shape="circle"))])],
+        [("create a clip of an orange square moving right", [(V, dict(colour="orange", shape="square", direction="right"))]),
+         ("now make it a circle", [(V, dict(colour="orange", shape="circle", direction="right"))])],
+        [("beep, high pitch please", [(A, dict(pitch="high", timbre="beep"))]),
+         ("also draw a yellow triangle", [(I, dict(colour="yellow", shape="triangle"))])],
+        [("draw a blue circle and play a mid beep", [(I, dict(colour="blue", shape="circle")), (A, dict(pitch="mid", timbre="beep"))])],
+        [("make a video of a green triangle moving up, and draw a red square", [(V, dict(colour="green", shape="triangle", direction="up")), (I, dict(colour="red", shape="square"))])],
+        [("play a mid buzz", [(A, dict(pitch="mid", timbre="buzz"))]),
+         ("how high was it?", [(T, "mid")])],
+        [("Draw me a circle in blue on the right", [(I, dict(colour="blue", shape="circle", position="right"))]),
+         ("now put it on the left", [(I, dict(colour="blue", shape="circle", position="left"))])],
+        [("draw a small purple square", [(I, dict(colour="purple", shape="square", size="small"))]),
+         ("make it green and play a low beep", [(I, dict(colour="green", shape="square")), (A, dict(pitch="low", timbre="beep"))])],
+        [("show a red triangle going left", [(V, dict(colour="red", shape="triangle", direction="left"))]),
+         ("reverse the direction", [(V, dict(shape="triangle", direction="right"))])],
+        [("i need a yellow square", [(I, dict(colour="yellow", shape="square"))]),
+         ("and a high buzz", [(A, dict(pitch="high", timbre="buzz"))]),
+         ("what colour was the square?", [(T, "yellow")])],
     ],
 }
 
