@@ -133,6 +133,21 @@ def test_multi_asks_each_modality_in_order():
         assert all(p >= 0 for p in positions) and positions == sorted(positions)  # asked in this order
 
 
+def test_show_me_a_moving_thing_is_a_video_and_a_still_one_a_picture():
+    """ "show me a blue circle moving left" (training wording, alone or as one part of several) asks for
+    a video; "show me a blue circle" for a picture."""
+    seen = set()
+    for convo in sample_conversations(600, seed=9, scenarios=("multi", "chat-create"), three=0.3):
+        for human, gpt in zip(convo, convo[1:]):
+            if human["from"] != "human" or "outputs" not in gpt:
+                continue
+            for spec, caption in zip(gpt["outputs"], gpt["captions"]):
+                if f"show me {caption.lower()}" in human["value"].lower():
+                    seen.add(type(spec).__name__)
+                    assert (type(spec).__name__ == "VideoSpec") == (" moving " in caption), human["value"]
+    assert seen == {"ImageSpec", "VideoSpec"}
+
+
 def test_three_sets_how_often_several_outputs_are_three():
     def threes(three):
         convs = sample_conversations(200, seed=7, scenarios=("multi",), three=three)

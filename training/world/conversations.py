@@ -188,7 +188,9 @@ W_TRAIN: dict[str, tuple[str, ...]] = {
     "create.audio": ("Synthesize {c}.", "I want to hear {c}.", "can u play {c}", "Make a sound: {c}.",
                      "Give me a tone, {c}.", "play {c} real quick", "Could you produce {c} for me?", "Sound {c}, please."),
     "create.video": ("Make a movie of {c}.", "I want a clip of {c}.", "can u animate {c}", "Make an animation of {c}.",
-                     "Film {c}.", "a short video of {c} please", "Could you render {c} as a video?", "Video of {c}, please."),
+                     "Film {c}.", "a short video of {c} please", "Could you render {c} as a video?", "Video of {c}, please.",
+                     # "show me" + a moving thing is a video ("Show me {c}." in W asks for a still one)
+                     "Show me {c}.", "can you show me {c}?", "let me see {c}"),
     # a recall that names the only item of its kind without "first" ("what colour was the circle?" after a
     # red circle and a blue triangle); training only, so these intents have no held-out wording in W
     "recall.named.colour": ("What colour was the {r}?", "the {r}, which colour was it?", "do you remember the {r}'s colour?",
@@ -212,7 +214,8 @@ W_TRAIN: dict[str, tuple[str, ...]] = {
     "part.audio": ("play me {c}", "make me {c}", "add {c}", "play {c} as well",
                    "I want to hear {c}", "generate {c}", "sound {c}", "produce {c}"),
     "part.video": ("animate me {c}", "make a movie of {c}", "make an animation of {c}", "film {c}",
-                   "give me a video of {c}", "render a clip of {c}", "show me a video of {c}", "create a clip of {c}"),
+                   "give me a video of {c}", "render a clip of {c}", "show me a video of {c}", "create a clip of {c}",
+                   "show me {c}", "let me see {c}"),
     # three outputs in one message, as users chain them (none of them the held-out ", and also")
     "multi.3": ("{a}, {b}, and {c}.", "{a}, {b}, plus {c}", "I'd like you to {a}, {b} and {c}.", "{a}; {b}; {c}",
                 "First {a}, then {b}, and finally {c}.", "Could you {a}, {b}, and {c} please?", "{a}, {b}, as well as {c}",
