@@ -40,11 +40,15 @@ _LEADING_LINK = re.compile(r"^[\s,;:&+]*(?:(?:and|also|then|plus|as well as)\b[\
 def restatement(words: str, first: bool) -> tuple[str, str] | None:
     """A group's words re-read as a one-turn request (isolate_groups="restated"/"restated_all"): (what the
     user says: the words without their leading "and"/","; the reply: RESTATE_LEAD + them, or the words
-    as written for a reply's `first` group, whose words already open a reply). None when no words are left.
-    The projector refit reads its training states the same way (training.trainer.encode.restated_dialogs)."""
+    as written for a reply's `first` group, whose words already open a reply), closed with a period when
+    they stop mid-sentence ("Here is a low beep" before "and a picture of …"), as a one-output reply is.
+    None when no words are left. The projector refit reads its training states the same way
+    (training.trainer.encode.restated_dialogs)."""
     said = _LEADING_LINK.sub("", words).strip()
     if not said:
         return None
+    if not said.endswith((".", "!", "?")):
+        said = said.rstrip(",;:&+ ") + "."
     return said, (said if first else RESTATE_LEAD + said)
 
 

@@ -405,6 +405,18 @@ def _one_turn_output(model, user: str, reply: str, modality: str) -> torch.Tenso
         return model.output_projectors[modality](model(inputs_embeds=x, all_states=True).all_states[:, -n:])
 
 
+def test_a_restated_group_cut_mid_sentence_reads_as_a_whole_reply():
+    """`restatement`: a group's words cut before the next output ("Here is a low beep" | "and a picture …")
+    are closed with a period, as a one-output reply ("Here is a low beep.") is; words already closed stay."""
+    from nextgpt.loop import restatement
+
+    assert restatement("Here is a low beep", first=True) == ("Here is a low beep.", "Here is a low beep.")
+    assert restatement(" and a high beep, ", first=False) == ("a high beep.", "Here is a high beep.")
+    assert restatement(" and a purple circle on the center.", first=False) == ("a purple circle on the center.", "Here is a purple circle on the center.")
+    assert restatement("Sure! Is it red?", first=True)[1] == "Sure! Is it red?"
+    assert restatement(" and ", first=False) is None
+
+
 def test_restated_groups_read_their_words_as_a_request_of_their_own(tiny_model, monkeypatch):
     """`isolate_groups="restated"`: the words, the first group and the cache are those of the plain reply;
     a later group's states are those of a fresh one-turn conversation — user: its words without the
@@ -434,12 +446,12 @@ def test_restated_groups_read_their_words_as_a_request_of_their_own(tiny_model, 
     a = tiny_model.generate(later, temperature=0, max_new_tokens=5, cache=cache)
     assert a.timings["prefill_tokens"] < len(tiny_model.build_inputs(later)[1]) - len(restated.token_ids)
     assert a.token_ids == tiny_model.generate(later, temperature=0, max_new_tokens=5).token_ids
-    # "restated_all": the first group too, read from its words as they open the reply (user: them; reply: them)
+    # "restated_all": the first group too, read from its words as they open the reply (user: them; reply: them, closed with a period)
     monkeypatch.setattr(tiny_model, "_sample", _scripted_sampler(tiny_model, script))
     every = tiny_model.generate(messages, isolate_groups="restated_all", **kw)
     monkeypatch.undo()
     assert every.token_ids == plain.token_ids and torch.equal(every.signals[1].prompt_embeds, restated.signals[1].prompt_embeds)
-    want = _one_turn_output(tiny_model, "a beep", "a beep", "audio")
+    want = _one_turn_output(tiny_model, "a beep.", "a beep.", "audio")  # closed with a period, as a reply is
     assert torch.allclose(every.signals[0].prompt_embeds, want, atol=1e-4)
     assert not torch.allclose(every.signals[0].prompt_embeds, plain.signals[0].prompt_embeds, atol=1e-3)
     # groups with no words between them (forced at the reply's end) keep their plain states

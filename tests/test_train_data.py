@@ -430,8 +430,8 @@ def test_isolated_later_groups_give_the_states_generate_reads(tiny_model):
 
 def test_restated_dialogs_give_the_states_generate_reads(tiny_model):
     """The refit's `restated_dialogs` (--restated-refit, for isolate_groups: restated_all): each output
-    becomes a one-turn dialog — user: its words (without the leading "and"), assistant: them as written
-    (the reply's first group) or "Here is" + them — whose states at the group are exactly those
+    becomes a one-turn dialog — user: its words (without the leading "and", closed with a period),
+    assistant: them (the reply's first group) or "Here is" + them — whose states at the group are exactly those
     `generate` reads for it (`_restated_states`)."""
     from training.trainer import restated_dialogs
 
@@ -441,7 +441,7 @@ def test_restated_dialogs_give_the_states_generate_reads(tiny_model):
                     source="t")  # fmt: skip
     restated = restated_dialogs(dialog)
     assert [(d.turns[0].text, d.turns[1].text, [(o.modality, o.caption, o.at) for o in d.outputs]) for d in restated] == [
-        ("a red circle", "a red circle", [("image", "a red circle", None)]),
+        ("a red circle.", "a red circle.", [("image", "a red circle", None)]),  # cut mid-sentence: closed, as a reply is
         ("a high beep.", "Here is a high beep.", [("audio", "a high beep", None)]),
     ]
     tok = tiny_model.tokenizer
@@ -456,4 +456,4 @@ def test_restated_dialogs_give_the_states_generate_reads(tiny_model):
         assert modality == m and torch.allclose(got, want.reshape(got.shape), atol=1e-5)
     # an output with no words before it (back to back with the previous group) is left out
     back_to_back = Dialog([Turn("user", "two"), Turn("assistant", "a red circle", outputs=[Output("image", "x"), Output("audio", "y")])])
-    assert [d.turns[1].text for d in restated_dialogs(back_to_back)] == ["a red circle"]
+    assert [d.turns[1].text for d in restated_dialogs(back_to_back)] == ["a red circle."]
